@@ -1,0 +1,43 @@
+# edgeshard_mpi — the two commands a newcomer needs: `make demo` and `make test`.
+# Every target installs what it needs into .venv first (offline-friendly: torch is pinned
+# to a CPU build; override TORCH for your platform, e.g. TORCH="torch" on a Jetson image).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= mpich,dev,plot
+NP      ?= 4
+JOB     ?= jobs/demo.toml
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# The pip MPICH's launcher when installed, else a system mpiexec (see README).
+MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
+# Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
+export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
+
+.PHONY: install demo test lint bench-overhead clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+demo: install
+	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m edgeshard_mpi run $(JOB)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench-overhead: install
+	$(BIN)/python -m edgeshard_mpi.bench.overhead --model tiny --out results/bench-overhead-tiny
+	$(BIN)/python -m edgeshard_mpi.bench.overhead --model small --out results/bench-overhead-small
+
+clean:
+	rm -rf results .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench-*`: each prints ratios measured in one run."""

@@ -1,0 +1,158 @@
+"""MPI transport: tensors over Isend/Irecv, and waits that do not spin.
+
+MPICH's blocking MPI_Recv (and every blocking collective) busy-polls a core. With more ranks
+than cores, a waiting rank then steals the CPU from the rank that computes and the whole
+chain slows several-fold. Every wait here is MPI_Test followed by a short sleep, with the
+sleep backing off from `poll_min` to `poll_max`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import pickle
+import sys
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+_PR_SET_TIMERSLACK = 29
+
+
+def _tight_sleep() -> None:
+    """Linux rounds short sleeps up by the timer slack (50 us by default); 1 us slack lets
+    a 20 us poll interval mean 20 us."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+
+
+def as_buffer(t: torch.Tensor) -> np.ndarray:
+    """A numpy view (no copy) of a contiguous CPU tensor, in a type MPI knows."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+class Transport:
+    def __init__(self, comm: MPI.Comm, poll_min_s: float = 20e-6, poll_max_s: float = 100e-6):
+        _tight_sleep()
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.poll_min, self.poll_max = poll_min_s, poll_max_s
+        self._sends: list[tuple[MPI.Request, object]] = []
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def sleep_wait(self, req: MPI.Request, status: MPI.Status | None = None) -> float:
+        """Wait for one request without burning a core; returns the seconds waited."""
+        if req.Test(status):
+            return 0.0
+        t0 = time.perf_counter()
+        delay = self.poll_min
+        while not req.Test(status):
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_max)
+        return time.perf_counter() - t0
+
+    def quiet_barrier(self, max_sleep_s: float = 2e-3) -> None:
+        """A barrier that sleeps. Call before a blocking collective whose peers may still be
+        busy for a long time (loading, profiling), so the collective itself is instant."""
+        req = self.comm.Ibarrier()
+        delay = self.poll_min
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, max_sleep_s)
+
+    def clock_offset(self, rounds: int = 8) -> float:
+        """Seconds to add to this rank's perf_counter to read rank 0's clock.
+
+        Barriers do not align clocks (ranks leave them a scheduler tick apart when ranks
+        outnumber cores, and hosts do not share a monotonic clock), so each rank
+        ping-pongs with rank 0 and keeps the round trip with the least delay (NTP's rule).
+        """
+        self.quiet_barrier()
+        buf = np.zeros(1, dtype=np.float64)
+        offset = 0.0
+        for peer in range(1, self.size):
+            if self.rank == 0:
+                for _ in range(rounds):
+                    self.sleep_wait(self.comm.Irecv(buf, source=peer, tag=0))
+                    buf[0] = time.perf_counter()
+                    self.sleep_wait(self.comm.Isend(buf, dest=peer, tag=0))
+            elif self.rank == peer:
+                best = float("inf")
+                for _ in range(rounds):
+                    t_send = time.perf_counter()
+                    self.sleep_wait(self.comm.Isend(buf, dest=0, tag=0))
+                    self.sleep_wait(self.comm.Irecv(buf, source=0, tag=0))
+                    t_recv = time.perf_counter()
+                    if t_recv - t_send < best:
+                        best = t_recv - t_send
+                        offset = float(buf[0]) - (t_send + t_recv) / 2
+        return offset
+
+    def sync_clock(self) -> float:
+        """A t0 that means the same instant on every rank, in its local perf_counter."""
+        offset = self.clock_offset()
+        start = self.bcast(time.perf_counter() + 0.002 if self.rank == 0 else None)
+        return start - offset
+
+    # -- point to point -----------------------------------------------------------------
+
+    def irecv(self, buf: torch.Tensor, source: int, tag: int) -> MPI.Request:
+        return self.comm.Irecv(as_buffer(buf), source=source, tag=tag)
+
+    def isend(self, t: torch.Tensor, dest: int, tag: int) -> None:
+        """Non-blocking send; the tensor is kept alive until the send completes. (A blocking
+        Send of >= 8 KB waits for the receiver under MPICH's rendezvous protocol.)"""
+        t = t.contiguous()
+        buf = as_buffer(t)
+        self._sends.append((self.comm.Isend(buf, dest=dest, tag=tag), t))
+        self.bytes_sent += buf.nbytes
+        self.messages_sent += 1
+
+    def send_stop(self, dest: int, tag: int) -> None:
+        """An empty message on a channel means: this group is finished (EOS)."""
+        empty = np.empty(0, dtype=np.float32)
+        self._sends.append((self.comm.Isend(empty, dest=dest, tag=tag), empty))
+        self.messages_sent += 1
+
+    def progress(self) -> None:
+        """Drive pending sends (MPI progresses only inside MPI calls) and drop finished ones."""
+        if self._sends:
+            self._sends = [(r, o) for r, o in self._sends if not r.Test()]
+
+    def flush(self) -> float:
+        waited = 0.0
+        for req, _ in self._sends:
+            waited += self.sleep_wait(req)
+        self._sends.clear()
+        return waited
+
+    # -- small control messages (pickled; off the hot path) -----------------------------
+
+    def gather(self, obj, root: int = 0):
+        self.quiet_barrier()
+        return self.comm.gather(obj, root=root)
+
+    def bcast(self, obj, root: int = 0):
+        """Broadcast after a sleeping wait: the root may take long to produce `obj`."""
+        if self.rank == root:
+            payload = pickle.dumps(obj)
+            size = np.array([len(payload)], dtype=np.int64)
+        else:
+            size = np.zeros(1, dtype=np.int64)
+        self.sleep_wait(self.comm.Ibcast(size, root=root))
+        buf = (np.frombuffer(payload, dtype=np.uint8).copy() if self.rank == root
+               else np.empty(int(size[0]), dtype=np.uint8))
+        self.sleep_wait(self.comm.Ibcast(buf, root=root))
+        return obj if self.rank == root else pickle.loads(buf.tobytes())
+
+    def allgather(self, obj):
+        self.quiet_barrier()
+        return self.comm.allgather(obj)

@@ -1,0 +1,394 @@
+"""The job file (TOML): parse, validate, and say exactly what is wrong and how to fix it.
+
+Every rank parses the same file; the checks are deterministic so all ranks agree on the
+verdict, and rank 0 alone prints it. Checks that need the MPI world or the model shape
+live in `Job.check_context`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .presets import DTYPE_BYTES, ModelSpec
+
+STRATEGIES_FIXED = ("explicit", "even")
+
+
+class JobError(ValueError):
+    """A problem with the job file, phrased for the user: the field, what is wrong, the fix."""
+
+
+def parse_bytes(value: Any, where: str) -> int:
+    """24GiB, 512MB, 1.5e9 or a plain integer -> bytes."""
+    if isinstance(value, bool):
+        raise JobError(f"{where}: expected a size such as 8GiB or 512MB, got {value!r}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise JobError(f"{where}: a size must be positive, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", str(value))
+    if not m:
+        raise JobError(f"{where}: cannot read {value!r} as a size; write e.g. 8GiB or 512MB")
+    number = float(m.group(1))
+    unit = (m.group(2) or "").lower()
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    if number <= 0:
+        raise JobError(f"{where}: a size must be positive, got {value!r}")
+    return int(number * scale)
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were read, so unknown keys
+    (usually typos) are reported instead of silently ignored."""
+
+    def __init__(self, data: Any, name: str):
+        if not isinstance(data, dict):
+            raise JobError(f"[{name}] must be a table, got {type(data).__name__}")
+        self.data, self.name, self.seen = data, name, set()
+
+    def _where(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def get(self, key: str, kind: type | tuple, default: Any = None, *, required: bool = False):
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                raise JobError(f"{self._where(key)} is missing; add it to the job file")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML has no int/float distinction worth punishing: accept 2 where 2.0 is expected.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise JobError(
+                f"{self._where(key)}: expected {names}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise JobError(
+                f"{self._where(key)}: {value!r} is not one of {', '.join(map(repr, options))}"
+            )
+        return value
+
+    def positive(self, key: str, default: int, *, zero_ok: bool = False) -> int:
+        value = self.get(key, int, default)
+        if value < 0 or (value == 0 and not zero_ok):
+            bound = ">= 0" if zero_ok else ">= 1"
+            raise JobError(f"{self._where(key)}: must be an integer {bound}, got {value}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise JobError(
+                f"unknown field(s) in [{self.name or 'top level'}]: {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(self.seen))}"
+            )
+
+
+def expand_path(value: str, base: Path, where: str) -> Path:
+    """Expand ~ and $VARS; a relative path is relative to the job file's folder (so a job
+    means the same thing whatever directory mpiexec starts in)."""
+    missing = [v for v in re.findall(r"\$\{?(\w+)\}?", value) if v not in os.environ]
+    if missing:
+        raise JobError(
+            f"{where}: {value!r} uses ${missing[0]}, which is not set; export it (e.g. "
+            f"export {missing[0]}=/path/to/data) or write the path out"
+        )
+    path = Path(os.path.expanduser(os.path.expandvars(value)))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    source: str
+    """Preset name (see `edgeshard-mpi presets`) or a Hugging Face Llama model directory."""
+    dtype: str = "float32"
+    """float32 (the paper's full precision), bfloat16 or float16."""
+    seed: int = 0
+    """Seed of synthetic weights (presets); each unit is seeded on its own."""
+
+
+@dataclass(frozen=True)
+class WorkloadCfg:
+    dataset: Path | None
+    """WikiText-2 raw file (wiki.test.raw format); None uses the built-in prompts."""
+    dataset_field: str | None
+    """The dataset path as written in the job (before expansion), for messages."""
+    fallback: str = "error"
+    """When the dataset is missing: 'error' stops the job, 'builtin' uses built-in prompts."""
+    tokenizer: str = "auto"
+    """auto (model directory's tokenizer, else bytes), bytes, or a SentencePiece .model path."""
+    prompt_tokens: int = 32
+    new_tokens: int = 96
+    prompts: int = 4
+    batch_size: int = 1
+    seed: int = 0
+    """Which prompts are drawn from the dataset."""
+    stop_at_eos: bool = False
+    """Stop a sequence at EOS; off by default, as benchmarks need a fixed token count."""
+    eos_token_id: int | None = None
+    """The token that ends a sequence; default: the model's eos_token_id."""
+
+    @property
+    def context(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    rank: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class PartitionCfg:
+    strategy: str = "even"
+    """explicit (the `stages` list) or even (equal layer counts over `ranks`)."""
+    stages: tuple[StageCfg, ...] = ()
+    ranks: tuple[int, ...] | None = None
+    """Ranks used by 'even' (default: every rank), in chain order, starting with 0."""
+
+
+@dataclass(frozen=True)
+class RuntimeCfg:
+    threads: int = 0
+    """torch threads per rank; 0 = usable cores of the host / ranks on the host."""
+    device: str = "cpu"
+    """cpu, cuda (one GPU per rank, by local rank) or auto."""
+    poll_min_us: float = 20.0
+    poll_max_us: float = 100.0
+    """A waiting rank sleeps between MPI_Test calls, backing off from min to max."""
+
+
+@dataclass(frozen=True)
+class OutputCfg:
+    path: str = "results/{name}-{time}.h5"
+    """HDF5 file; {name} and {time} are filled in; relative to the current directory."""
+    events: bool = True
+    """Keep the per-action event log (for timelines and bubble analysis)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    path: Path
+    text: str
+    model: ModelCfg
+    workload: WorkloadCfg
+    partition: PartitionCfg
+    runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+
+    def check_context(self, world_size: int, spec: ModelSpec) -> None:
+        """Checks that need the MPI world and the model shape."""
+        wl = self.workload
+        if wl.context > spec.max_position_embeddings:
+            raise JobError(
+                f"workload: prompt_tokens + new_tokens = {wl.context} exceeds the model's "
+                f"max_position_embeddings ({spec.max_position_embeddings}); shorten them"
+            )
+        part = self.partition
+        if part.strategy == "explicit":
+            check_stages(part.stages, spec.n_units, world_size)
+        elif part.strategy == "even":
+            ranks = part.ranks if part.ranks is not None else tuple(range(world_size))
+            bad = [r for r in ranks if r >= world_size]
+            if bad:
+                raise JobError(
+                    f"partition.ranks names rank {bad[0]}, but the job runs {world_size} "
+                    f"rank(s) (0..{world_size - 1}); start more ranks (mpiexec -n) or drop it"
+                )
+            if len(ranks) > spec.n_units:
+                raise JobError(
+                    f"partition: {len(ranks)} ranks for only {spec.n_units} planning units; "
+                    "use fewer ranks in partition.ranks"
+                )
+
+
+def check_stages(stages: tuple[StageCfg, ...], n_units: int, world_size: int) -> None:
+    """An explicit partition must cover [0, N) with contiguous stages, start on rank 0."""
+    if not stages:
+        raise JobError("partition.stages is empty; list stages as {rank = R, layers = [a, b]}")
+    pos = 0
+    for i, st in enumerate(stages):
+        where = f"partition.stages[{i}]"
+        if st.rank >= world_size:
+            raise JobError(
+                f"{where}: rank {st.rank} does not exist; the job runs {world_size} rank(s) "
+                f"(0..{world_size - 1}); start more ranks (mpiexec -n) or change the stage"
+            )
+        if st.start != pos:
+            what = "overlaps" if st.start < pos else "leaves a gap before"
+            raise JobError(
+                f"{where}: layers [{st.start}, {st.end}) {what} unit {pos}; stages must be "
+                f"contiguous half-open ranges covering [0, {n_units})"
+            )
+        if st.end <= st.start:
+            raise JobError(f"{where}: empty range [{st.start}, {st.end}); need start < end")
+        pos = st.end
+    if pos != n_units:
+        raise JobError(
+            f"partition.stages cover [0, {pos}) but the model has {n_units} units "
+            f"(embedding, {n_units - 2} decoder layers, head); the last stage must end at "
+            f"{n_units}"
+        )
+    if stages[0].rank != 0:
+        raise JobError(
+            "partition.stages[0]: the first stage (the embedding, unit 0) must be on rank 0, "
+            "the source node (privacy constraint)"
+        )
+
+
+def _model(sec: _Section) -> ModelCfg:
+    source = sec.get("source", str, required=True)
+    dtype = sec.choice("dtype", tuple(DTYPE_BYTES), "float32")
+    seed = sec.get("seed", int, 0)
+    sec.finish()
+    return ModelCfg(source=source, dtype=dtype, seed=seed)
+
+
+def _workload(sec: _Section, base: Path) -> WorkloadCfg:
+    raw = sec.get("dataset", str, None)
+    dataset = None
+    if raw == "":
+        raise JobError("workload.dataset is empty; give a path or remove the field to use the "
+                       "built-in prompts")
+    if raw is not None:
+        try:
+            dataset = expand_path(raw, base, "workload.dataset")
+        except JobError:
+            if sec.data.get("fallback") != "builtin":
+                raise
+            dataset = None  # an unset variable with fallback = builtin: use built-in prompts
+    fallback = sec.choice("fallback", ("error", "builtin"), "error")
+    tokenizer = sec.get("tokenizer", str, "auto")
+    if tokenizer not in ("auto", "bytes"):
+        tokenizer = str(expand_path(tokenizer, base, "workload.tokenizer"))
+    wl = WorkloadCfg(
+        dataset=dataset,
+        dataset_field=raw,
+        fallback=fallback,
+        tokenizer=tokenizer,
+        prompt_tokens=sec.positive("prompt_tokens", 32),
+        new_tokens=sec.positive("new_tokens", 96),
+        prompts=sec.positive("prompts", 4),
+        batch_size=sec.positive("batch_size", 1),
+        seed=sec.get("seed", int, 0),
+        stop_at_eos=sec.get("stop_at_eos", bool, False),
+        eos_token_id=sec.get("eos_token_id", int, None),
+    )
+    sec.finish()
+    if wl.prompts % wl.batch_size:
+        raise JobError(
+            f"workload.prompts ({wl.prompts}) must be a multiple of workload.batch_size "
+            f"({wl.batch_size}); every batch has the same shape"
+        )
+    return wl
+
+
+def _partition(sec: _Section) -> PartitionCfg:
+    strategy = sec.choice("strategy", STRATEGIES_FIXED, "even")
+    stages_raw = sec.get("stages", list, [])
+    ranks = sec.get("ranks", list, None)
+    sec.finish()
+    stages = []
+    for i, item in enumerate(stages_raw):
+        where = f"partition.stages[{i}]"
+        if not isinstance(item, dict) or set(item) != {"rank", "layers"}:
+            raise JobError(
+                f"{where}: write each stage as {{rank = R, layers = [start, end]}} "
+                f"(half-open), got {item!r}"
+            )
+        layers = item["layers"]
+        ok = (isinstance(item["rank"], int) and item["rank"] >= 0 and isinstance(layers, list)
+              and len(layers) == 2 and all(isinstance(x, int) and x >= 0 for x in layers))
+        if not ok:
+            raise JobError(f"{where}: rank must be an integer >= 0 and layers [start, end], "
+                           f"got {item!r}")
+        stages.append(StageCfg(item["rank"], layers[0], layers[1]))
+    if strategy == "explicit" and not stages:
+        raise JobError("partition.strategy = 'explicit' needs partition.stages")
+    if strategy != "explicit" and stages:
+        raise JobError(f"partition.stages is only read with strategy = 'explicit', not "
+                       f"{strategy!r}; remove it or set strategy = 'explicit'")
+    if ranks is not None:
+        if not ranks or not all(isinstance(r, int) and r >= 0 for r in ranks):
+            raise JobError("partition.ranks: a non-empty list of rank numbers, e.g. [0, 1, 2]")
+        if ranks[0] != 0 or len(set(ranks)) != len(ranks):
+            raise JobError("partition.ranks: must start with 0 (the source node holds the "
+                           "embedding) and name each rank once")
+        ranks = tuple(ranks)
+    return PartitionCfg(strategy=strategy, stages=tuple(stages), ranks=ranks)
+
+
+def _runtime(sec: _Section) -> RuntimeCfg:
+    rt = RuntimeCfg(
+        threads=sec.positive("threads", 0, zero_ok=True),
+        device=sec.choice("device", ("cpu", "cuda", "auto"), "cpu"),
+        poll_min_us=sec.get("poll_min_us", float, 20.0),
+        poll_max_us=sec.get("poll_max_us", float, 100.0),
+    )
+    sec.finish()
+    if not 0 < rt.poll_min_us <= rt.poll_max_us:
+        raise JobError("runtime: need 0 < poll_min_us <= poll_max_us")
+    return rt
+
+
+def _output(sec: _Section) -> OutputCfg:
+    out = OutputCfg(path=sec.get("path", str, OutputCfg.path),
+                    events=sec.get("events", bool, True))
+    sec.finish()
+    if not out.path.endswith((".h5", ".hdf5")):
+        raise JobError(f"output.path: {out.path!r} should end in .h5 (an HDF5 file)")
+    return out
+
+
+def parse_job(text: str, path: Path) -> Job:
+    """TOML text -> Job, or JobError naming the field and the fix."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: not valid TOML: {e}") from None
+    top = _Section(data, "")
+    name = top.get("name", str, path.stem)
+    sections = {k: top.get(k, dict, {}) for k in
+                ("model", "workload", "partition", "runtime", "output")}
+    top.finish()
+    if "model" not in data:
+        raise JobError("[model] is missing; add e.g. [model] source = \"tiny\"")
+    base = path.resolve().parent
+    return Job(
+        name=name,
+        path=path,
+        text=text,
+        model=_model(_Section(sections["model"], "model")),
+        workload=_workload(_Section(sections["workload"], "workload"), base),
+        partition=_partition(_Section(sections["partition"], "partition")),
+        runtime=_runtime(_Section(sections["runtime"], "runtime")),
+        output=_output(_Section(sections["output"], "output")),
+    )
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file {str(path)!r} not found (looked in {Path.cwd()})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"cannot read job file {str(path)!r}: {e}") from None
+    return parse_job(text, path)

@@ -1,0 +1,164 @@
+"""The HDF5 file of one run: schema, summary figures, atomic write, and read.
+
+Written by rank 0 only, to a temporary name in the target folder and then `os.replace`d,
+so an aborted job never leaves a truncated file under the real name. Every dataset carries
+a `units` attribute. The README documents the schema; bump SCHEMA_VERSION on any change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+def summarize(tokens: np.ndarray, token_time: np.ndarray, group_start: np.ndarray) -> dict:
+    """Per-run figures from the source's records.
+
+    latency_ms_per_token: the paper's metric, the average time per generated token of a
+      sequence (group wall time / tokens generated), averaged over groups;
+    ttft_ms: time from a group's start to its first token, averaged;
+    tokens_per_s: all generated tokens / wall time from the first start to the last token.
+    """
+    steps_done = np.sum(~np.isnan(token_time), axis=1)  # [groups]
+    last = np.array([t[~np.isnan(t)].max() if n else np.nan
+                     for t, n in zip(token_time, steps_done, strict=True)])
+    per_group = (last - group_start) / np.maximum(steps_done, 1)
+    generated = int(np.sum(tokens >= 0))
+    span = float(np.nanmax(last) - np.nanmin(group_start)) if generated else float("nan")
+    return {
+        "latency_ms_per_token": float(np.nanmean(per_group) * 1e3),
+        "ttft_ms": float(np.nanmean(token_time[:, 0] - group_start) * 1e3),
+        "tokens_per_s": generated / span if span > 0 else float("nan"),
+        "generated_tokens": generated,
+        "wall_s": span,
+    }
+
+
+def _dataset(group: h5py.Group, name: str, data, units: str, doc: str = "") -> None:
+    ds = group.create_dataset(name, data=data)
+    ds.attrs["units"] = units
+    if doc:
+        ds.attrs["description"] = doc
+
+
+def _table(group: h5py.Group, name: str, rows: list[dict], doc: str = "") -> None:
+    """A list of flat dicts -> compound dataset (strings stored as UTF-8)."""
+    if not rows:
+        return
+    fields = []
+    for key, value in rows[0].items():
+        if isinstance(value, str):
+            fields.append((key, h5py.string_dtype()))
+        elif isinstance(value, bool | np.bool_):
+            fields.append((key, "u1"))
+        elif isinstance(value, int | np.integer):
+            fields.append((key, "i8"))
+        else:
+            fields.append((key, "f8"))
+    arr = np.zeros(len(rows), dtype=fields)
+    for i, row in enumerate(rows):
+        arr[i] = tuple(row[k] for k, _ in fields)
+    ds = group.create_dataset(name, data=arr)
+    if doc:
+        ds.attrs["description"] = doc
+
+
+def write_run(path: str | Path, run: dict) -> Path:
+    """Write one run atomically. `run` holds: attrs (root attributes), plan, devices,
+    workload, ranks, stages, events, summary (see runner.collect for the keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            for k, v in run["attrs"].items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, dict | list) else v
+            _write_groups(f, run)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_groups(f: h5py.File, run: dict) -> None:
+    plan = f.create_group("plan")
+    _dataset(plan, "stages", np.asarray(run["plan"]["stages"], dtype=np.int32).reshape(-1, 3),
+             "rank, first unit, end unit (half-open)", "one row per stage, in chain order")
+    for k in ("strategy", "objective", "description"):
+        plan.attrs[k] = run["plan"][k]
+    plan.attrs["info"] = json.dumps(run["plan"].get("info", {}))
+
+    _table(f, "devices", run["devices"], "one row per rank: host, budget (bytes), threads")
+
+    wl = f.create_group("workload")
+    for k, v in run["workload"]["attrs"].items():
+        wl.attrs[k] = v
+    _dataset(wl, "prompt_ids", run["workload"]["prompt_ids"], "token ids",
+             "[prompts, prompt_tokens]")
+    wl.create_dataset("prompt_text", data=np.array(run["workload"]["prompt_text"],
+                                                   dtype=h5py.string_dtype()))
+    _dataset(wl, "generated_ids", run["workload"]["generated_ids"], "token ids",
+             "[prompts, new_tokens]; -1 after the sequence's EOS")
+    _dataset(wl, "group_start_s", run["workload"]["group_start_s"], "s",
+             "[groups] start of each micro-batch's prefill, from the run's t0")
+    _dataset(wl, "token_time_s", run["workload"]["token_time_s"], "s",
+             "[groups, new_tokens] arrival of each token at the source, from t0")
+
+    ranks = f.create_group("ranks")
+    units = {"bytes": ("bytes_sent", "weights_bytes", "kv_cache_bytes", "buffer_bytes",
+                       "peak_rss_bytes")}
+    for key, values in run["ranks"].items():
+        unit = "bytes" if key in units["bytes"] else "count" if key in (
+            "messages_sent", "actions", "skipped") else "s"
+        _dataset(ranks, key, np.asarray(values), unit)
+
+    stages = f.create_group("stages")
+    for key, values in run["stages"].items():
+        _dataset(stages, key, np.asarray(values), "s", "per stage, in chain order")
+
+    if run.get("events") is not None:
+        ds = f.create_dataset("events", data=run["events"], compression="gzip")
+        ds.attrs["units"] = "s"
+        ds.attrs["description"] = ("one row per executed action: rank, op (0 recv, 1 compute, "
+                                   "2 send), stage, slot, iteration, start t0, end t1")
+
+    summary = f.create_group("summary")
+    for k, v in run["summary"].items():
+        summary.attrs[k] = v
+
+
+def read_run(path: str | Path) -> dict:
+    """Everything in a run file as plain Python/numpy objects."""
+    def load(obj):
+        if isinstance(obj, h5py.Dataset):
+            data = obj[()]
+            if obj.dtype.kind == "O":
+                data = np.array([x.decode() if isinstance(x, bytes) else x for x in data])
+            return data
+        out = {k: load(v) for k, v in obj.items()}
+        out.update({f"@{k}": _attr(v) for k, v in obj.attrs.items()})
+        return out
+
+    with h5py.File(path, "r") as f:
+        return load(f)
+
+
+def _attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v.item() if isinstance(v, np.generic) else v
