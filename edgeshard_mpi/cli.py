@@ -7,16 +7,69 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="EdgeShard: collaborative LLM inference over heterogeneous devices.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="EdgeShard: collaborative LLM inference over heterogeneous devices.",
+)
 
 
 @app.command()
 def run(job: Annotated[Path, typer.Argument(help="job file (TOML)")]) -> None:
     """Run a job under MPI: mpiexec -n M python -m mpi4py -m edgeshard_mpi run JOB."""
-    from .runner import main_run
+    from .runner import finish, run_job
 
-    main_run(str(job))
+    finish(run_job(str(job)))
+
+
+@app.command()
+def profile(
+    job: Annotated[Path, typer.Argument(help="job file (TOML)")],
+    out: Annotated[str | None, typer.Option(help="profile file to write")] = None,
+) -> None:
+    """Measure every unit on every rank and every link, save a reusable profile (under MPI,
+    like run)."""
+    from .runner import finish, profile_job
+
+    finish(profile_job(str(job), out))
+
+
+@app.command()
+def plan(
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", "-p", help="profile file, or a shipped one's name (--list)"),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
+    strategy: Annotated[
+        list[str] | None, typer.Option(help="one or more strategies (default: all)")
+    ] = None,
+    algorithm: Annotated[str, typer.Option(help="exact | paper")] = "exact",
+    profile_strategy: Annotated[
+        str, typer.Option(help="prefill | decode | average | workload")
+    ] = "average",
+    batch: Annotated[int | None, typer.Option(help="batch size (a profiled one)")] = None,
+    source: Annotated[int | None, typer.Option(help="device index of the source")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="list shipped profiles")] = False,
+) -> None:
+    """Plans and predictions of every strategy for a profile (offline, no MPI)."""
+    from .offline import format_report, plan_report, to_json
+    from .planner.problem import ProfileError, shipped_profiles
+
+    if list_ or profile is None:
+        typer.echo("shipped profiles: " + ", ".join(shipped_profiles()))
+        if profile is None and not list_:
+            typer.echo("give one with --profile NAME (or a profile file)", err=True)
+            raise typer.Exit(2)
+        return
+    try:
+        rep = plan_report(profile, objective, strategy, algorithm, profile_strategy, batch, source)
+    except (ProfileError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(to_json(rep) if as_json else format_report(rep))
 
 
 @app.command()
@@ -24,12 +77,15 @@ def presets() -> None:
     """List the built-in model presets and their sizes."""
     from .presets import PRESETS
 
-    typer.echo(f"{'name':<12}{'layers':>7}{'hidden':>8}{'heads':>7}{'kv':>4}{'params':>10}"
-               f"{'fp32 GB':>9}")
+    typer.echo(
+        f"{'name':<12}{'layers':>7}{'hidden':>8}{'heads':>7}{'kv':>4}{'params':>10}{'fp32 GB':>9}"
+    )
     for name, s in PRESETS.items():
         p = s.total_params()
-        typer.echo(f"{name:<12}{s.num_layers:>7}{s.hidden_size:>8}{s.num_heads:>7}"
-                   f"{s.num_kv_heads:>4}{p / 1e6:>9.1f}M{p * 4 / 1e9:>9.2f}")
+        typer.echo(
+            f"{name:<12}{s.num_layers:>7}{s.hidden_size:>8}{s.num_heads:>7}"
+            f"{s.num_kv_heads:>4}{p / 1e6:>9.1f}M{p * 4 / 1e9:>9.2f}"
+        )
 
 
 @app.command()

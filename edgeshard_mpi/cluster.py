@@ -50,8 +50,9 @@ def parse_hostfile(path: str | Path) -> tuple[str, list[HostEntry]]:
                 kinds.add("openmpi")
             entries.append(HostEntry(m.group(1), int(opts.get("slots", 1))))
             continue
-        raise HostfileError(f"{path}:{n}: cannot read {raw!r}; write 'host:N' (MPICH) or "
-                            "'host slots=N' (Open MPI)")
+        raise HostfileError(
+            f"{path}:{n}: cannot read {raw!r}; write 'host:N' (MPICH) or 'host slots=N' (Open MPI)"
+        )
     if not entries:
         raise HostfileError(f"hostfile {path} lists no hosts")
     if len(kinds) > 1:
@@ -99,7 +100,7 @@ def _cgroup_paths() -> dict[str, str]:
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
-            for c in (controllers.split(",") if controllers else [""]):
+            for c in controllers.split(",") if controllers else [""]:
                 out[c] = path
     except OSError:
         pass
@@ -119,8 +120,9 @@ def cgroup_memory_limit() -> int | None:
     paths = _cgroup_paths()
     candidates = []
     if "memory" in paths:
-        candidates.append(Path("/sys/fs/cgroup/memory") / paths["memory"].lstrip("/")
-                          / "memory.limit_in_bytes")
+        candidates.append(
+            Path("/sys/fs/cgroup/memory") / paths["memory"].lstrip("/") / "memory.limit_in_bytes"
+        )
     if "" in paths:
         candidates.append(Path("/sys/fs/cgroup") / paths[""].lstrip("/") / "memory.max")
     for c in candidates:
@@ -136,8 +138,10 @@ def cgroup_cpu_limit() -> float | None:
     for key in ("cpu", "cpu,cpuacct"):
         if key in paths:
             base = Path("/sys/fs/cgroup/cpu") / paths[key].lstrip("/")
-            quota, period = _read_int(base / "cpu.cfs_quota_us"), _read_int(base /
-                                                                            "cpu.cfs_period_us")
+            quota, period = (
+                _read_int(base / "cpu.cfs_quota_us"),
+                _read_int(base / "cpu.cfs_period_us"),
+            )
             if quota and period and quota > 0:
                 return quota / period
     if "" in paths:
@@ -185,9 +189,14 @@ def local_view() -> dict:
     }
 
 
-def describe_devices(views: list[dict], threads_setting: int, budgets: dict[int, int],
-                     names: dict[int, str], accelerators: list[str],
-                     cuda_free: list[int | None]) -> list[DeviceInfo]:
+def describe_devices(
+    views: list[dict],
+    threads_setting: int,
+    budgets: dict[int, int],
+    names: dict[int, str],
+    accelerators: list[str],
+    cuda_free: list[int | None],
+) -> list[DeviceInfo]:
     """Turn every rank's local view (gathered) into DeviceInfo: ranks that share a host
     share its cores, ranks that share a memory cgroup (or a host without one) share RAM."""
     out = []
@@ -205,8 +214,17 @@ def describe_devices(views: list[dict], threads_setting: int, budgets: dict[int,
             budget, src = v["mem_limit"] // len(sharing) - v["rss"], "cgroup"
         else:
             budget, src = v["mem_available"] // len(peers), "meminfo"
-        out.append(DeviceInfo(
-            rank=rank, host=v["host"], name=names.get(rank, f"{v['host']}/r{rank}"),
-            accelerator=accelerators[rank], cores=v["cores"], local_size=len(peers),
-            threads=threads, memory_budget=int(budget), memory_source=src))
+        out.append(
+            DeviceInfo(
+                rank=rank,
+                host=v["host"],
+                name=names.get(rank, f"{v['host']}/r{rank}"),
+                accelerator=accelerators[rank],
+                cores=v["cores"],
+                local_size=len(peers),
+                threads=threads,
+                memory_budget=int(budget),
+                memory_source=src,
+            )
+        )
     return out

@@ -148,8 +148,11 @@ class Transport:
         else:
             size = np.zeros(1, dtype=np.int64)
         self.sleep_wait(self.comm.Ibcast(size, root=root))
-        buf = (np.frombuffer(payload, dtype=np.uint8).copy() if self.rank == root
-               else np.empty(int(size[0]), dtype=np.uint8))
+        buf = (
+            np.frombuffer(payload, dtype=np.uint8).copy()
+            if self.rank == root
+            else np.empty(int(size[0]), dtype=np.uint8)
+        )
         self.sleep_wait(self.comm.Ibcast(buf, root=root))
         return obj if self.rank == root else pickle.loads(buf.tobytes())
 

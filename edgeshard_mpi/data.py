@@ -75,8 +75,10 @@ def load_tokenizer(setting: str, model_source: str, vocab_size: int):
     else:
         path = Path(setting)
         if not path.is_file():
-            raise JobError(f"workload.tokenizer: {setting!r} not found; give a SentencePiece "
-                           ".model file, 'auto' or 'bytes'")
+            raise JobError(
+                f"workload.tokenizer: {setting!r} not found; give a SentencePiece "
+                ".model file, 'auto' or 'bytes'"
+            )
         tok = SentencePieceTokenizer(path)
     if tok.vocab_size > vocab_size:
         raise JobError(
@@ -139,17 +141,19 @@ def load_prompts(wl: WorkloadCfg, tok) -> PromptSet:
     note = ""
     if wl.dataset is not None and wl.dataset.is_file():
         paragraphs = wikitext_paragraphs(wl.dataset)
-        ids, texts = _cut(paragraphs, tok, wl.prompts, wl.prompt_tokens, wl.seed,
-                          str(wl.dataset))
+        ids, texts = _cut(paragraphs, tok, wl.prompts, wl.prompt_tokens, wl.seed, str(wl.dataset))
         return PromptSet(f"wikitext-2:{wl.dataset}", tok.name, ids, texts)
     if wl.dataset_field is not None:
         looked = str(wl.dataset) if wl.dataset is not None else wl.dataset_field
-        msg = (f"workload.dataset: no file at {looked} (written as {wl.dataset_field!r}); "
-               "point it at wiki.test.raw of WikiText-2 (raw), e.g. set EDGESHARD_DATA to the "
-               "folder that holds wikitext-2-raw-v1/")
+        msg = (
+            f"workload.dataset: no file at {looked} (written as {wl.dataset_field!r}); "
+            "point it at wiki.test.raw of WikiText-2 (raw), e.g. set EDGESHARD_DATA to the "
+            "folder that holds wikitext-2-raw-v1/"
+        )
         if wl.fallback == "error":
             raise JobError(msg)
         note = msg + "; using the built-in prompts (workload.fallback = 'builtin')"
-    ids, texts = _cut(builtin_paragraphs(), tok, wl.prompts, wl.prompt_tokens, wl.seed,
-                      "the built-in prompt set")
+    ids, texts = _cut(
+        builtin_paragraphs(), tok, wl.prompts, wl.prompt_tokens, wl.seed, "the built-in prompt set"
+    )
     return PromptSet("builtin", tok.name, ids, texts, note)

@@ -17,6 +17,14 @@ from typing import Any
 from .presets import DTYPE_BYTES, ModelSpec
 
 STRATEGIES_FIXED = ("explicit", "even")
+STRATEGIES_PLANNED = (
+    "edgeshard",
+    "edgeshard-even",
+    "edge-solo",
+    "cloud-edge-even",
+    "cloud-edge-opt",
+)
+PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
 
 
 class JobError(ValueError):
@@ -36,8 +44,17 @@ def parse_bytes(value: Any, where: str) -> int:
         raise JobError(f"{where}: cannot read {value!r} as a size; write e.g. 8GiB or 512MB")
     number = float(m.group(1))
     unit = (m.group(2) or "").lower()
-    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    scale = {
+        "": 1,
+        "k": 1e3,
+        "m": 1e6,
+        "g": 1e9,
+        "t": 1e12,
+        "ki": 2**10,
+        "mi": 2**20,
+        "gi": 2**30,
+        "ti": 2**40,
+    }[unit]
     if number <= 0:
         raise JobError(f"{where}: a size must be positive, got {value!r}")
     return int(number * scale)
@@ -157,10 +174,52 @@ class StageCfg:
 @dataclass(frozen=True)
 class PartitionCfg:
     strategy: str = "even"
-    """explicit (the `stages` list) or even (equal layer counts over `ranks`)."""
+    """explicit (the `stages` list), even (equal layer counts over `ranks`), or a planned
+    strategy: edgeshard, edgeshard-even, edge-solo, cloud-edge-even, cloud-edge-opt."""
     stages: tuple[StageCfg, ...] = ()
     ranks: tuple[int, ...] | None = None
     """Ranks used by 'even' (default: every rank), in chain order, starting with 0."""
+    objective: str = "latency"
+    """What planned strategies optimise: latency (sequential) or throughput (pipelined)."""
+    algorithm: str = "exact"
+    """exact (this project's solvers) or paper (the paper's Algorithms 1 and 2)."""
+
+    @property
+    def planned(self) -> bool:
+        return self.strategy in STRATEGIES_PLANNED
+
+
+@dataclass(frozen=True)
+class ProfileCfg:
+    reuse: Path | None = None
+    """A profile file to use instead of measuring (edgeshard-mpi profile writes one)."""
+    save: str | None = "{output}.profile.json"
+    """Where a measured profile is written; {output} is the HDF5 path without .h5."""
+    strategy: str = "average"
+    """How prefill and decode costs are weighed: prefill, decode, average (the paper's
+    choice) or workload (1/G prefill + (G-1)/G decode, what ms/token averages)."""
+    warmup: int = 1
+    repeats: int = 3
+    sample_layers: int = 0
+    """Time only this many decoder layers (0 = all of them)."""
+    link_repeats: int = 3
+    cold_cache: bool = True
+    """Flush CPU caches before each timing (a stage's weights are cold in a real run)."""
+
+
+@dataclass(frozen=True)
+class DeviceCfg:
+    rank: int
+    name: str | None = None
+    memory: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterCfg:
+    cloud: int | None = None
+    """The rank of the cloud server (for cloud-edge-even / cloud-edge-opt)."""
+    devices: tuple[DeviceCfg, ...] = ()
+    """Per-rank names and memory budgets that override what ranks detect."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +251,8 @@ class Job:
     partition: PartitionCfg
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
+    profile: ProfileCfg = field(default_factory=ProfileCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
 
     def check_context(self, world_size: int, spec: ModelSpec) -> None:
         """Checks that need the MPI world and the model shape."""
@@ -201,7 +262,23 @@ class Job:
                 f"workload: prompt_tokens + new_tokens = {wl.context} exceeds the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings}); shorten them"
             )
+        for d in self.cluster.devices:
+            if d.rank >= world_size:
+                raise JobError(
+                    f"cluster.devices names rank {d.rank}, but the job runs "
+                    f"{world_size} rank(s); start more ranks or drop the entry"
+                )
+        cloud = self.cluster.cloud
+        if cloud is not None and not 0 < cloud < world_size:
+            raise JobError(
+                f"cluster.cloud = {cloud}: must be a rank other than the source, below {world_size}"
+            )
         part = self.partition
+        if part.strategy.startswith("cloud-edge") and cloud is None:
+            raise JobError(
+                f"partition.strategy = {part.strategy!r} needs cluster.cloud (the "
+                "rank of the cloud server)"
+            )
         if part.strategy == "explicit":
             check_stages(part.stages, spec.n_units, world_size)
         elif part.strategy == "even":
@@ -265,8 +342,9 @@ def _workload(sec: _Section, base: Path) -> WorkloadCfg:
     raw = sec.get("dataset", str, None)
     dataset = None
     if raw == "":
-        raise JobError("workload.dataset is empty; give a path or remove the field to use the "
-                       "built-in prompts")
+        raise JobError(
+            "workload.dataset is empty; give a path or remove the field to use the built-in prompts"
+        )
     if raw is not None:
         try:
             dataset = expand_path(raw, base, "workload.dataset")
@@ -301,9 +379,11 @@ def _workload(sec: _Section, base: Path) -> WorkloadCfg:
 
 
 def _partition(sec: _Section) -> PartitionCfg:
-    strategy = sec.choice("strategy", STRATEGIES_FIXED, "even")
+    strategy = sec.choice("strategy", STRATEGIES_FIXED + STRATEGIES_PLANNED, "even")
     stages_raw = sec.get("stages", list, [])
     ranks = sec.get("ranks", list, None)
+    objective = sec.choice("objective", ("latency", "throughput"), "latency")
+    algorithm = sec.choice("algorithm", ("exact", "paper"), "exact")
     sec.finish()
     stages = []
     for i, item in enumerate(stages_raw):
@@ -314,25 +394,81 @@ def _partition(sec: _Section) -> PartitionCfg:
                 f"(half-open), got {item!r}"
             )
         layers = item["layers"]
-        ok = (isinstance(item["rank"], int) and item["rank"] >= 0 and isinstance(layers, list)
-              and len(layers) == 2 and all(isinstance(x, int) and x >= 0 for x in layers))
+        ok = (
+            isinstance(item["rank"], int)
+            and item["rank"] >= 0
+            and isinstance(layers, list)
+            and len(layers) == 2
+            and all(isinstance(x, int) and x >= 0 for x in layers)
+        )
         if not ok:
-            raise JobError(f"{where}: rank must be an integer >= 0 and layers [start, end], "
-                           f"got {item!r}")
+            raise JobError(
+                f"{where}: rank must be an integer >= 0 and layers [start, end], got {item!r}"
+            )
         stages.append(StageCfg(item["rank"], layers[0], layers[1]))
     if strategy == "explicit" and not stages:
         raise JobError("partition.strategy = 'explicit' needs partition.stages")
     if strategy != "explicit" and stages:
-        raise JobError(f"partition.stages is only read with strategy = 'explicit', not "
-                       f"{strategy!r}; remove it or set strategy = 'explicit'")
+        raise JobError(
+            f"partition.stages is only read with strategy = 'explicit', not "
+            f"{strategy!r}; remove it or set strategy = 'explicit'"
+        )
     if ranks is not None:
         if not ranks or not all(isinstance(r, int) and r >= 0 for r in ranks):
             raise JobError("partition.ranks: a non-empty list of rank numbers, e.g. [0, 1, 2]")
         if ranks[0] != 0 or len(set(ranks)) != len(ranks):
-            raise JobError("partition.ranks: must start with 0 (the source node holds the "
-                           "embedding) and name each rank once")
+            raise JobError(
+                "partition.ranks: must start with 0 (the source node holds the "
+                "embedding) and name each rank once"
+            )
         ranks = tuple(ranks)
-    return PartitionCfg(strategy=strategy, stages=tuple(stages), ranks=ranks)
+    if ranks is not None and strategy != "even":
+        raise JobError(f"partition.ranks is only read with strategy = 'even', not {strategy!r}")
+    return PartitionCfg(
+        strategy=strategy,
+        stages=tuple(stages),
+        ranks=ranks,
+        objective=objective,
+        algorithm=algorithm,
+    )
+
+
+def _profile(sec: _Section, base: Path) -> ProfileCfg:
+    reuse = sec.get("reuse", str, None)
+    cfg = ProfileCfg(
+        reuse=None if reuse is None else expand_path(reuse, base, "profile.reuse"),
+        save=sec.get("save", str, ProfileCfg.save) or None,
+        strategy=sec.choice("strategy", PROFILE_STRATEGIES, "average"),
+        warmup=sec.positive("warmup", 1, zero_ok=True),
+        repeats=sec.positive("repeats", 3),
+        sample_layers=sec.positive("sample_layers", 0, zero_ok=True),
+        link_repeats=sec.positive("link_repeats", 3),
+        cold_cache=sec.get("cold_cache", bool, True),
+    )
+    sec.finish()
+    if cfg.reuse is not None and not cfg.reuse.is_file():
+        raise JobError(
+            f"profile.reuse: no file at {cfg.reuse}; run `edgeshard-mpi profile` or "
+            "remove the field to measure"
+        )
+    return cfg
+
+
+def _cluster(sec: _Section) -> ClusterCfg:
+    cloud = sec.get("cloud", int, None)
+    raw = sec.get("devices", list, [])
+    sec.finish()
+    devices, seen = [], set()
+    for i, d in enumerate(raw):
+        where = f"cluster.devices[{i}]"
+        if not isinstance(d, dict) or "rank" not in d or set(d) - {"rank", "name", "memory"}:
+            raise JobError(f'{where}: write {{rank = R, name = "...", memory = "8GiB"}}, got {d!r}')
+        if not isinstance(d["rank"], int) or d["rank"] < 0 or d["rank"] in seen:
+            raise JobError(f"{where}: rank must be a new integer >= 0")
+        seen.add(d["rank"])
+        mem = parse_bytes(d["memory"], f"{where}.memory") if "memory" in d else None
+        devices.append(DeviceCfg(d["rank"], d.get("name"), mem))
+    return ClusterCfg(cloud=cloud, devices=tuple(devices))
 
 
 def _runtime(sec: _Section) -> RuntimeCfg:
@@ -349,8 +485,7 @@ def _runtime(sec: _Section) -> RuntimeCfg:
 
 
 def _output(sec: _Section) -> OutputCfg:
-    out = OutputCfg(path=sec.get("path", str, OutputCfg.path),
-                    events=sec.get("events", bool, True))
+    out = OutputCfg(path=sec.get("path", str, OutputCfg.path), events=sec.get("events", bool, True))
     sec.finish()
     if not out.path.endswith((".h5", ".hdf5")):
         raise JobError(f"output.path: {out.path!r} should end in .h5 (an HDF5 file)")
@@ -365,11 +500,13 @@ def parse_job(text: str, path: Path) -> Job:
         raise JobError(f"{path}: not valid TOML: {e}") from None
     top = _Section(data, "")
     name = top.get("name", str, path.stem)
-    sections = {k: top.get(k, dict, {}) for k in
-                ("model", "workload", "partition", "runtime", "output")}
+    sections = {
+        k: top.get(k, dict, {})
+        for k in ("model", "workload", "partition", "runtime", "output", "profile", "cluster")
+    }
     top.finish()
     if "model" not in data:
-        raise JobError("[model] is missing; add e.g. [model] source = \"tiny\"")
+        raise JobError('[model] is missing; add e.g. [model] source = "tiny"')
     base = path.resolve().parent
     return Job(
         name=name,
@@ -380,6 +517,8 @@ def parse_job(text: str, path: Path) -> Job:
         partition=_partition(_Section(sections["partition"], "partition")),
         runtime=_runtime(_Section(sections["runtime"], "runtime")),
         output=_output(_Section(sections["output"], "output")),
+        profile=_profile(_Section(sections["profile"], "profile"), base),
+        cluster=_cluster(_Section(sections["cluster"], "cluster")),
     )
 
 

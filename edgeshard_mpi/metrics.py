@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import numpy.lib.recfunctions as rfn
 
 SCHEMA_VERSION = 1
 
@@ -27,8 +28,12 @@ def summarize(tokens: np.ndarray, token_time: np.ndarray, group_start: np.ndarra
     tokens_per_s: all generated tokens / wall time from the first start to the last token.
     """
     steps_done = np.sum(~np.isnan(token_time), axis=1)  # [groups]
-    last = np.array([t[~np.isnan(t)].max() if n else np.nan
-                     for t, n in zip(token_time, steps_done, strict=True)])
+    last = np.array(
+        [
+            t[~np.isnan(t)].max() if n else np.nan
+            for t, n in zip(token_time, steps_done, strict=True)
+        ]
+    )
     per_group = (last - group_start) / np.maximum(steps_done, 1)
     generated = int(np.sum(tokens >= 0))
     span = float(np.nanmax(last) - np.nanmin(group_start)) if generated else float("nan")
@@ -92,34 +97,78 @@ def write_run(path: str | Path, run: dict) -> Path:
 
 def _write_groups(f: h5py.File, run: dict) -> None:
     plan = f.create_group("plan")
-    _dataset(plan, "stages", np.asarray(run["plan"]["stages"], dtype=np.int32).reshape(-1, 3),
-             "rank, first unit, end unit (half-open)", "one row per stage, in chain order")
+    _dataset(
+        plan,
+        "stages",
+        np.asarray(run["plan"]["stages"], dtype=np.int32).reshape(-1, 3),
+        "rank, first unit, end unit (half-open)",
+        "one row per stage, in chain order",
+    )
     for k in ("strategy", "objective", "description"):
         plan.attrs[k] = run["plan"][k]
     plan.attrs["info"] = json.dumps(run["plan"].get("info", {}))
+    if run.get("predicted"):
+        pred = run["predicted"]
+        plan.attrs["predicted_ms_per_token"] = pred["per_token_s"] * 1e3
+        plan.attrs["predicted_tokens_per_s"] = pred["tokens_per_s"]
+        plan.attrs["predicted_pipeline_tokens_per_s"] = pred["pipeline_tokens_per_s"]
+        plan.attrs["predicted"] = json.dumps(pred)
+    if run.get("alternatives"):
+        plan.attrs["alternatives"] = json.dumps(run["alternatives"])
+    if run.get("profile") is not None:
+        _write_profile(f, run["profile"])
 
     _table(f, "devices", run["devices"], "one row per rank: host, budget (bytes), threads")
 
     wl = f.create_group("workload")
     for k, v in run["workload"]["attrs"].items():
         wl.attrs[k] = v
-    _dataset(wl, "prompt_ids", run["workload"]["prompt_ids"], "token ids",
-             "[prompts, prompt_tokens]")
-    wl.create_dataset("prompt_text", data=np.array(run["workload"]["prompt_text"],
-                                                   dtype=h5py.string_dtype()))
-    _dataset(wl, "generated_ids", run["workload"]["generated_ids"], "token ids",
-             "[prompts, new_tokens]; -1 after the sequence's EOS")
-    _dataset(wl, "group_start_s", run["workload"]["group_start_s"], "s",
-             "[groups] start of each micro-batch's prefill, from the run's t0")
-    _dataset(wl, "token_time_s", run["workload"]["token_time_s"], "s",
-             "[groups, new_tokens] arrival of each token at the source, from t0")
+    _dataset(
+        wl, "prompt_ids", run["workload"]["prompt_ids"], "token ids", "[prompts, prompt_tokens]"
+    )
+    wl.create_dataset(
+        "prompt_text", data=np.array(run["workload"]["prompt_text"], dtype=h5py.string_dtype())
+    )
+    _dataset(
+        wl,
+        "generated_ids",
+        run["workload"]["generated_ids"],
+        "token ids",
+        "[prompts, new_tokens]; -1 after the sequence's EOS",
+    )
+    _dataset(
+        wl,
+        "group_start_s",
+        run["workload"]["group_start_s"],
+        "s",
+        "[groups] start of each micro-batch's prefill, from the run's t0",
+    )
+    _dataset(
+        wl,
+        "token_time_s",
+        run["workload"]["token_time_s"],
+        "s",
+        "[groups, new_tokens] arrival of each token at the source, from t0",
+    )
 
     ranks = f.create_group("ranks")
-    units = {"bytes": ("bytes_sent", "weights_bytes", "kv_cache_bytes", "buffer_bytes",
-                       "peak_rss_bytes")}
+    units = {
+        "bytes": (
+            "bytes_sent",
+            "weights_bytes",
+            "kv_cache_bytes",
+            "buffers_bytes",
+            "peak_rss_bytes",
+        )
+    }
     for key, values in run["ranks"].items():
-        unit = "bytes" if key in units["bytes"] else "count" if key in (
-            "messages_sent", "actions", "skipped") else "s"
+        unit = (
+            "bytes"
+            if key in units["bytes"]
+            else "count"
+            if key in ("messages_sent", "actions", "skipped")
+            else "s"
+        )
         _dataset(ranks, key, np.asarray(values), unit)
 
     stages = f.create_group("stages")
@@ -129,16 +178,154 @@ def _write_groups(f: h5py.File, run: dict) -> None:
     if run.get("events") is not None:
         ds = f.create_dataset("events", data=run["events"], compression="gzip")
         ds.attrs["units"] = "s"
-        ds.attrs["description"] = ("one row per executed action: rank, op (0 recv, 1 compute, "
-                                   "2 send), stage, slot, iteration, start t0, end t1")
+        ds.attrs["description"] = (
+            "one row per executed action: rank, op (0 recv, 1 compute, "
+            "2 send), stage, slot, iteration, start t0, end t1"
+        )
 
     summary = f.create_group("summary")
     for k, v in run["summary"].items():
         summary.attrs[k] = v
 
 
+def _write_profile(f: h5py.File, prof) -> None:
+    """The profile the plan was made from: arrays as datasets, the whole file as JSON."""
+    g = f.create_group("profile")
+    g.attrs["json"] = json.dumps(prof.to_dict())
+    g.attrs["names"] = json.dumps(list(prof.names))
+    g.attrs["batch_sizes"] = list(prof.batch_sizes)
+    for name, data, unit in (
+        ("prefill_s", prof.prefill_s, "s"),
+        ("decode_s", prof.decode_s, "s"),
+        ("memory_budget", prof.memory_budget, "bytes"),
+        ("weight_bytes", prof.weight_bytes, "bytes"),
+        ("kv_bytes_per_token", prof.kv_bytes_per_token, "bytes"),
+        ("latency_s", prof.latency_s, "s"),
+        ("bandwidth", prof.bandwidth, "bytes/s"),
+    ):
+        _dataset(g, name, data, unit)
+
+
+def _versions() -> dict:
+    import platform
+
+    import mpi4py
+    import torch
+    import transformers
+    from mpi4py import MPI
+
+    from . import __version__
+
+    return {
+        "edgeshard_mpi": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mpi4py": mpi4py.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+    }
+
+
+def build_record(
+    job,
+    spec,
+    plan,
+    devices,
+    prompts,
+    results,
+    summary,
+    hosts,
+    shape,
+    profile,
+    predicted,
+    alternatives,
+) -> dict:
+    """Everything rank 0 knows after a run, in the shape write_run expects."""
+    from datetime import datetime
+
+    from .runtime import EVENT_DTYPE
+
+    src = results[0]
+    wl = job.workload
+    stage_compute = np.zeros(len(plan.stages))
+    for r in results:
+        for s, v in r.stage_compute_s.items():
+            stage_compute[s] = v
+    events = None
+    if job.output.events:
+        rows = [
+            rfn.append_fields(
+                r.events, "rank", np.full(len(r.events), r.rank, np.int16), usemask=False
+            )
+            for r in results
+            if r.events is not None
+        ]
+        events = np.concatenate(rows) if rows else np.zeros(0, dtype=EVENT_DTYPE)
+    return {
+        "attrs": {
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "hosts": hosts,
+            "world_size": len(results),
+            "job_name": job.name,
+            "job_path": str(job.path),
+            "job_text": job.text,
+            "model": spec.to_dict(),
+            "dtype": job.model.dtype,
+            "mode": "sequential" if shape.slots == 1 else "pipeline",
+            "micro_batches": shape.slots,
+            "profile_strategy": job.profile.strategy,
+        },
+        "plan": {**plan.to_dict(), "description": plan.describe()},
+        "predicted": predicted,
+        "alternatives": alternatives,
+        "profile": profile,
+        "devices": [d.to_dict() for d in devices],
+        "workload": {
+            "attrs": {
+                "prompt_source": prompts.source,
+                "tokenizer": prompts.tokenizer,
+                "prompt_note": prompts.note,
+                "prompt_tokens": wl.prompt_tokens,
+                "new_tokens": wl.new_tokens,
+                "batch_size": wl.batch_size,
+                "stop_at_eos": wl.stop_at_eos,
+            },
+            "prompt_ids": prompts.ids,
+            "prompt_text": list(prompts.texts),
+            "generated_ids": src.tokens.reshape(-1, wl.new_tokens),
+            "group_start_s": src.group_start,
+            "token_time_s": src.token_time,
+        },
+        "ranks": {
+            key: [getattr(r, attr) for r in results]
+            for key, attr in (
+                ("compute_s", "compute_s"),
+                ("recv_wait_s", "recv_wait_s"),
+                ("send_s", "send_s"),
+                ("flush_s", "flush_s"),
+                ("wall_s", "wall_s"),
+                ("load_s", "load_s"),
+                ("bytes_sent", "bytes_sent"),
+                ("messages_sent", "messages_sent"),
+                ("actions", "actions"),
+                ("peak_rss_bytes", "peak_rss"),
+            )
+        }
+        | {
+            f"{k}_bytes": [r.memory[k] for r in results] for k in ("weights", "kv_cache", "buffers")
+        },
+        "stages": {"compute_s": stage_compute},
+        "events": events,
+        "summary": summary,
+    }
+
+
 def read_run(path: str | Path) -> dict:
     """Everything in a run file as plain Python/numpy objects."""
+
     def load(obj):
         if isinstance(obj, h5py.Dataset):
             data = obj[()]

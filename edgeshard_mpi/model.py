@@ -34,8 +34,14 @@ class Stage(nn.Module):
     embedding, else hidden states [B, S, H]; returns hidden states [B, S, H], or the next
     token's logits [B, V] when it owns the head."""
 
-    def __init__(self, spec: ModelSpec, start: int, end: int, dtype: str = "float32",
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        start: int,
+        end: int,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+    ):
         super().__init__()
         if not 0 <= start < end <= spec.n_units:
             raise ValueError(f"bad unit range [{start}, {end}) for {spec.n_units} units")
@@ -45,17 +51,19 @@ class Stage(nn.Module):
         # Decoder layer l is unit l + 1.
         self.layer_ids = list(range(max(start, 1) - 1, min(end, spec.n_units - 1) - 1))
         with torch.device("meta"):
-            self.embed_tokens = (nn.Embedding(spec.vocab_size, spec.hidden_size)
-                                 if start == 0 else None)
-            self.layers = nn.ModuleList(LlamaDecoderLayer(self.config, layer_idx=i)
-                                        for i in self.layer_ids)
+            self.embed_tokens = (
+                nn.Embedding(spec.vocab_size, spec.hidden_size) if start == 0 else None
+            )
+            self.layers = nn.ModuleList(
+                LlamaDecoderLayer(self.config, layer_idx=i) for i in self.layer_ids
+            )
             has_head = end == spec.n_units
             self.norm = LlamaRMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_head else None
-            self.lm_head = (nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-                            if has_head else None)
+            self.lm_head = (
+                nn.Linear(spec.hidden_size, spec.vocab_size, bias=False) if has_head else None
+            )
         # The rotary table is computed, not loaded: it must not be built on meta.
-        self.rotary = (LlamaRotaryEmbedding(self.config).to(self.device)
-                       if self.layer_ids else None)
+        self.rotary = LlamaRotaryEmbedding(self.config).to(self.device) if self.layer_ids else None
         self._aux: dict[tuple, tuple] = {}
 
     @property
@@ -68,7 +76,7 @@ class Stage(nn.Module):
 
     def _local_name(self, hf_name: str) -> str:
         if hf_name.startswith("model.layers."):
-            rest = hf_name[len("model.layers."):]
+            rest = hf_name[len("model.layers.") :]
             idx, tail = rest.split(".", 1)
             return f"layers.{int(idx) - self.layer_ids[0]}.{tail}"
         return hf_name.removeprefix("model.")
@@ -98,14 +106,26 @@ class Stage(nn.Module):
         return cache
 
     @staticmethod
+    def rewind(cache: StaticCache, length: int) -> None:
+        """Set the cache's length back (the stored keys beyond it are then ignored): lets a
+        profiler time the same decode step again."""
+        for layer in cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)
+
+    @staticmethod
     def cache_bytes(cache: StaticCache | None) -> int:
         if cache is None:
             return 0
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2
-                   for layer in cache.layers if layer.is_initialized)
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() * 2
+            for layer in cache.layers
+            if layer.is_initialized
+        )
 
-    def _mask_and_rotary(self, h: torch.Tensor, cache, position_ids: torch.Tensor,
-                         start: int | None):
+    def _mask_and_rotary(
+        self, h: torch.Tensor, cache, position_ids: torch.Tensor, start: int | None
+    ):
         """The attention mask and rotary cos/sin for these positions. With a static cache
         and no padding both depend only on (batch, length, first position), so they are
         built once per step and reused: the same tensors, hence the same results."""
@@ -114,25 +134,41 @@ class Stage(nn.Module):
             return self._aux[key]
         # Size the mask against this stage's own first layer: the cache layers of other
         # stages are empty here, and the default (layer 0) would read as length 0.
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                                  past_key_values=cache, position_ids=position_ids,
-                                  layer_idx=self.layer_ids[0])
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=h,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=self.layer_ids[0],
+        )
         out = (mask, self.rotary(h, position_ids=position_ids))
         if start is not None:
             self._aux[key] = out
         return out
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, cache: StaticCache | None, position_ids: torch.Tensor,
-                start: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: StaticCache | None,
+        position_ids: torch.Tensor,
+        start: int | None = None,
+    ) -> torch.Tensor:
         """`start`: the first position, when every row of the batch starts there and the
         cache is static (as in the runtime); it enables reuse of masks and rotary tables."""
         h = self.embed_tokens(x) if self.has_embed else x  # h: [B, S, H]
         if self.layer_ids:
             mask, pos_emb = self._mask_and_rotary(h, cache, position_ids, start)
             for layer in self.layers:
-                h = layer(h, attention_mask=mask, position_embeddings=pos_emb,
-                          position_ids=position_ids, past_key_values=cache, use_cache=True)
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_embeddings=pos_emb,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
         if self.has_head:
             return self.lm_head(self.norm(h[:, -1:]))[:, -1]  # logits: [B, V]
         return h

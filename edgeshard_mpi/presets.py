@@ -119,8 +119,14 @@ class ModelSpec:
 
 def _llama2(name: str, hidden: int, layers: int, heads: int, kv: int, inter: int) -> ModelSpec:
     return ModelSpec(
-        name=name, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-        intermediate_size=inter, vocab_size=32000, max_position_embeddings=4096,
+        name=name,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        intermediate_size=inter,
+        vocab_size=32000,
+        max_position_embeddings=4096,
     )
 
 

@@ -1,13 +1,12 @@
-"""The SPMD job: job -> devices -> plan -> load -> infer -> metrics. Every rank runs this.
+"""The SPMD job: job -> devices -> profile -> plan -> load -> infer -> metrics.
 
-Any problem a user can fix (job file, data, checkpoint, memory) is caught on the rank that
-sees it, shared with all ranks, reported once by rank 0, and every rank exits with status 2
-after finalizing MPI: no hang, no traceback, no output file.
+Every rank runs this. Any problem a user can fix (job file, data, checkpoint, profile,
+memory) is caught on the rank that sees it, shared with all ranks, reported once by rank 0,
+and every rank exits with status 2 after finalizing MPI: no hang, no traceback, no file.
 """
 
 from __future__ import annotations
 
-import platform
 import resource
 import sys
 import time
@@ -16,12 +15,14 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import numpy.lib.recfunctions as rfn
 
-from . import __version__
 from .job import Job, JobError, load_job
 
 EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what and how."""
 
 
 class Log:
@@ -46,35 +47,15 @@ class Log:
             print(f"[rank 0] error: {msg}", file=sys.stderr, flush=True)
 
 
-def _agree(tp, err: str | None) -> list[str]:
-    """Share every rank's verdict; returns the distinct errors ('[rank r] ...')."""
+def _agree(tp, err: str | None) -> None:
+    """Share every rank's verdict; raise UserError with the distinct messages if any."""
     errs = tp.allgather(err)
-    out = []
+    out: list[str] = []
     for r, e in enumerate(errs):
         if e and e not in [x.split("] ", 1)[-1] for x in out]:
             out.append(f"[rank {r}] {e}" if r else e)
-    return out
-
-
-def _fail(log: Log, errors: list[str]) -> int:
-    for e in errors:
-        log.error(e)
-    return EXIT_USER_ERROR
-
-
-def _versions() -> dict:
-    import h5py
-    import mpi4py
-    import torch
-    import transformers
-    from mpi4py import MPI
-
-    return {
-        "edgeshard_mpi": __version__, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "mpi4py": mpi4py.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-    }
+    if out:
+        raise UserError("\n".join(out))
 
 
 def output_path(job: Job) -> Path:
@@ -89,15 +70,18 @@ def _check_writable(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise JobError(f"output.path: cannot write in {path.parent} ({e.strerror}); choose "
-                       "a writable folder") from None
+        raise JobError(
+            f"output.path: cannot write in {path.parent} ({e.strerror}); choose a writable folder"
+        ) from None
     if path.exists():
-        raise JobError(f"output.path: {path} already exists; results are never overwritten, "
-                       "use {time} in the path or remove the file")
+        raise JobError(
+            f"output.path: {path} already exists; results are never overwritten, "
+            "use {time} in the path or remove the file"
+        )
 
 
-def _setup(job_path: str, tp, log: Log):
-    """Step 1 (job): parse and check on every rank; rank 0 also loads prompts."""
+def _setup(job_path: str, tp, need_prompts: bool = True):
+    """Step 1 (job): parse and check on every rank; rank 0 also loads the prompts."""
     from .data import load_prompts, load_tokenizer
     from .presets import resolve
 
@@ -111,80 +95,195 @@ def _setup(job_path: str, tp, log: Log):
             raise JobError(f"model.source: {e}") from None
         job.check_context(tp.size, spec)
         if tp.rank == 0:
-            tok = load_tokenizer(job.workload.tokenizer, job.model.source, spec.vocab_size)
-            prompts = load_prompts(job.workload, tok)
+            if need_prompts:
+                tok = load_tokenizer(job.workload.tokenizer, job.model.source, spec.vocab_size)
+                prompts = load_prompts(job.workload, tok)
             out = output_path(job)
             _check_writable(out)
     except JobError as e:
         err = str(e)
-    return job, spec, prompts, out, _agree(tp, err)
+    _agree(tp, err)
+    return job, spec, prompts, out
 
 
-def run_job(job_path: str) -> int:
-    """Run one job under MPI; returns the process exit status."""
-    from mpi4py import MPI
-
-    from .comm import Transport
-
-    comm = MPI.COMM_WORLD
-    tp = Transport(comm)
-    log = Log(tp.rank)
-    job, spec, prompts, out, errors = _setup(job_path, tp, log)
-    if errors:
-        return _fail(log, errors)
-    tp.poll_min, tp.poll_max = job.runtime.poll_min_us * 1e-6, job.runtime.poll_max_us * 1e-6
-    if prompts is not None and prompts.note:
-        log.info(f"note: {prompts.note}")
-    try:
-        return _run(job, spec, prompts, out, tp, log)
-    except Exception:
-        # A bug, not a user error: show where, and let mpi4py abort the whole job.
-        print(f"[rank {tp.rank}] internal error:\n{traceback.format_exc()}", file=sys.stderr,
-              flush=True)
-        raise
-
-
-def _devices(job: Job, tp, log: Log):
-    """Step 2 (devices): describe every rank; rank 0 prints the table."""
+def _devices(job: Job, tp):
+    """Step 2 (devices): every rank describes itself; all get the table."""
     import torch
 
     from .cluster import describe_devices, local_view
 
     view = local_view()
-    use_cuda = job.runtime.device == "cuda" or (job.runtime.device == "auto"
-                                                 and torch.cuda.is_available())
+    use_cuda = job.runtime.device == "cuda" or (
+        job.runtime.device == "auto" and torch.cuda.is_available()
+    )
     views = tp.allgather(view)
     local_rank = [v["host"] for v in views[: tp.rank]].count(view["host"])
-    accel, free = "cpu", None
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise JobError("runtime.device = 'cuda' but this rank sees no CUDA device")
+    accel, free, err = "cpu", None, None
+    if use_cuda and not torch.cuda.is_available():
+        err = "runtime.device = 'cuda' but this rank sees no CUDA device; use 'auto' or 'cpu'"
+    elif use_cuda:
         dev = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(dev)
         accel, free = torch.cuda.get_device_name(dev), torch.cuda.mem_get_info(dev)[0]
-    accels = tp.allgather(accel)
-    frees = tp.allgather(free)
-    devices = describe_devices(views, job.runtime.threads, {}, {}, accels, frees)
-    me = devices[tp.rank]
-    torch.set_num_threads(me.threads)
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device(
-        "cpu")
+    _agree(tp, err)
+    accels, frees = tp.allgather(accel), tp.allgather(free)
+    budgets = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
+    names = {d.rank: d.name for d in job.cluster.devices if d.name}
+    devices = describe_devices(views, job.runtime.threads, budgets, names, accels, frees)
+    torch.set_num_threads(devices[tp.rank].threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return devices, device
 
 
-def _plan(job: Job, spec, tp):
-    """Step 4 (plan): rank 0 decides, everyone receives the same plan."""
-    from .planner.plan import Plan, Stage, even_plan
+def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
+    """Step 3 (profile): reuse a profile file or measure; every rank gets the Profile."""
+    from dataclasses import replace
 
-    plan = None
+    from .planner.problem import ProfileError, load_profile
+    from .weights import CheckpointError
+
+    cfg, wl = job.profile, job.workload
+    if cfg.reuse is None and not job.partition.planned:
+        return None
+    prof, err = None, None
+    if cfg.reuse is not None:
+        if tp.rank == 0:
+            try:
+                prof = load_profile(cfg.reuse)
+                _check_profile(prof, spec, job, tp.size)
+            except ProfileError as e:
+                err = f"profile.reuse: {e}"
+        _agree(tp, err)
+        prof = tp.bcast(prof)
+        log.info(f"profile: reusing {cfg.reuse}")
+    else:
+        log.info("profile: timing every unit on every rank, then every link")
+        try:
+            prof = _measure(job, spec, devices, device, tp, log, cfg, wl)
+        except CheckpointError as e:  # raised alike on every rank
+            raise UserError(str(e)) from None
+        if tp.rank == 0 and cfg.save and out is not None:
+            path = Path(cfg.save.format(output=str(out.with_suffix(""))))
+            prof.save(path)
+            log.info(f"profile: saved {path}")
+    overrides = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
+    if overrides:
+        budget = prof.memory_budget.copy()
+        for r, m in overrides.items():
+            budget[r] = m
+        prof = replace(prof, memory_budget=budget)
+    if job.cluster.cloud is not None:
+        prof = replace(prof, cloud=job.cluster.cloud)
+    return prof
+
+
+def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
+    from .profile import profile_cluster
+    from .weights import weight_source
+
+    return profile_cluster(
+        tp,
+        spec,
+        weight_source(job.model.source, spec, job.model.dtype, job.model.seed),
+        job.model.dtype,
+        device,
+        devices,
+        [wl.batch_size],
+        wl.prompt_tokens,
+        wl.new_tokens,
+        cfg.warmup,
+        cfg.repeats,
+        cfg.sample_layers,
+        cfg.link_repeats,
+        job.cluster.cloud,
+        log.info,
+        cold=cfg.cold_cache,
+    )
+
+
+def _check_profile(prof, spec, job: Job, world: int) -> None:
+    from .planner.problem import ProfileError
+
+    m = prof.model
+    if (m.n_units, m.hidden_size, m.num_layers) != (
+        spec.n_units,
+        spec.hidden_size,
+        spec.num_layers,
+    ):
+        raise ProfileError(
+            f"it profiles a model with {m.num_layers} layers of width "
+            f"{m.hidden_size}, the job runs {spec.num_layers} x "
+            f"{spec.hidden_size}; profile this model"
+        )
+    if prof.n_devices != world:
+        raise ProfileError(f"it describes {prof.n_devices} devices, the job runs {world} ranks")
+    if prof.dtype != job.model.dtype:
+        raise ProfileError(f"it was measured in {prof.dtype}, the job runs {job.model.dtype}")
+    prof.times(job.workload.batch_size)  # raises if the batch size cannot be served
+
+
+def _plan(job: Job, spec, devices, prof, tp, log: Log):
+    """Step 4 (plan): rank 0 decides (and predicts), every rank receives the plan."""
+    from .planner.baselines import make_plan, plan_all
+    from .planner.cost import evaluate
+    from .planner.plan import Plan, Stage, even_plan
+    from .planner.problem import Infeasible, PlannerLimit, make_problem
+
+    part = job.partition
+    result, err = None, None
     if tp.rank == 0:
-        part = job.partition
-        if part.strategy == "explicit":
-            plan = Plan(tuple(Stage(s.rank, s.start, s.end) for s in part.stages), "explicit")
-        else:
-            ranks = part.ranks if part.ranks is not None else tuple(range(tp.size))
-            plan = even_plan(spec.n_units, ranks)
-    return tp.bcast(plan)
+        try:
+            prob = (
+                None
+                if prof is None
+                else make_problem(prof, job.workload.batch_size, job.profile.strategy)
+            )
+            if part.strategy == "explicit":
+                plan = Plan(tuple(Stage(s.rank, s.start, s.end) for s in part.stages))
+            elif part.strategy == "even":
+                plan = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
+            else:
+                plan = make_plan(prob, part.strategy, part.objective, part.algorithm)
+            _check_memory(plan, spec, job, devices)
+            predicted = evaluate(plan, prob).to_dict() if prob is not None else None
+            others = {}
+            if prob is not None and part.planned:
+                for name, alt in plan_all(prob, part.objective, part.algorithm).items():
+                    others[name] = (
+                        {"error": str(alt)}
+                        if isinstance(alt, Infeasible)
+                        else {
+                            **alt.to_dict(),
+                            "description": alt.describe(),
+                            "predicted": evaluate(alt, prob).to_dict(),
+                        }
+                    )
+            result = (plan, predicted, others)
+        except (Infeasible, PlannerLimit, UserError) as e:
+            err = str(e)
+    _agree(tp, err)
+    return tp.bcast(result)
+
+
+def _check_memory(plan, spec, job: Job, devices) -> None:
+    """A plan whose shard exceeds a rank's budget fails now, with the numbers, instead of
+    being killed by the OS half-way through."""
+    wl, dt = job.workload, job.model.dtype
+    need: dict[int, float] = {}
+    for st in plan.stages:
+        need[st.rank] = need.get(st.rank, 0.0) + sum(
+            spec.unit_weight_bytes(u, dt) + spec.unit_kv_bytes(u, wl.batch_size, wl.context, dt)
+            for u in range(st.start, st.end)
+        )
+    for rank, bytes_ in need.items():
+        budget = devices[rank].memory_budget
+        if bytes_ > budget:
+            raise UserError(
+                f"rank {rank} ({devices[rank].name}) would hold {bytes_ / 1e9:.2f} GB (weights + "
+                f"KV cache) but its memory budget is {budget / 1e9:.2f} GB "
+                f"({devices[rank].memory_source}); give it fewer layers, use more ranks, or set "
+                "cluster.devices memory if the budget is wrong"
+            )
 
 
 def _load(job: Job, spec, plan, device, tp):
@@ -204,45 +303,34 @@ def _load(job: Job, spec, plan, device, tp):
     except CheckpointError as e:
         err = str(e)
     except MemoryError:
-        err = (f"out of memory while loading units of {plan.describe()}; give this rank "
-               "fewer layers or more memory")
-    return stages, time.perf_counter() - t0, err
+        err = (
+            f"out of memory while loading units of {plan.describe()}; give this rank "
+            "fewer layers or more memory"
+        )
+    _agree(tp, err)
+    return stages, time.perf_counter() - t0
 
 
-def _run(job: Job, spec, prompts, out: Path | None, tp, log: Log) -> int:
+def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log):
+    """Step 6 (infer): sequential inference, one micro-batch walking the chain."""
     from . import schedule as sch
-    from .metrics import summarize, write_run
     from .runtime import Runtime, Workload
 
-    try:
-        devices, device = _devices(job, tp, log)
-        err = None
-    except JobError as e:
-        err, devices, device = str(e), None, None
-    errors = _agree(tp, err)
-    if errors:
-        return _fail(log, errors)
-
-    plan = _plan(job, spec, tp)
-    log.info(f"plan ({plan.strategy}): {plan.describe()}")
-
-    stages, load_s, err = _load(job, spec, plan, device, tp)
-    errors = _agree(tp, err)
-    if errors:
-        return _fail(log, errors)
-
     wl = job.workload
-    b = wl.batch_size
-    groups = wl.prompts // b
+    b, groups = wl.batch_size, wl.prompts // wl.batch_size
     shape = sch.Shape(groups=groups, slots=1, steps=wl.new_tokens)
-    feed = None
-    if tp.rank == 0:
-        feed = prompts.ids.reshape(groups, b, wl.prompt_tokens)
-    runtime = Runtime(tp, [st.rank for st in plan.stages], stages, shape, "no-bubbles",
-                      Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos,
-                               spec.eos_token_id if wl.eos_token_id is None
-                               else wl.eos_token_id),
-                      device, record_events=job.output.events)
+    feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
+    eos = spec.eos_token_id if wl.eos_token_id is None else wl.eos_token_id
+    runtime = Runtime(
+        tp,
+        [st.rank for st in plan.stages],
+        stages,
+        shape,
+        "no-bubbles",
+        Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
+        device,
+        record_events=job.output.events,
+    )
     memory = runtime.memory_bytes()
 
     def on_group_done(group: int, res) -> None:
@@ -252,100 +340,114 @@ def _run(job: Job, spec, prompts, out: Path | None, tp, log: Log) -> int:
         if log.tty:
             log.progress(f"prompts {done * b}/{groups * b}  {n / dt:.1f} tokens/s")
         elif groups <= 64 or done % max(1, groups // 32) == 0 or done == groups:
-            log.info(f"prompts {done * b}/{groups * b}: {n} tokens in {dt:.2f} s "
-                     f"({dt / max(n // b, 1) * 1e3:.1f} ms/token)")
+            log.info(
+                f"prompts {done * b}/{groups * b}: {n} tokens in {dt:.2f} s "
+                f"({dt / max(n // b, 1) * 1e3:.1f} ms/token)"
+            )
 
     t0 = tp.sync_clock()
     res = runtime.run(t0, on_group_done)
     if log.tty and tp.rank == 0:
         print(flush=True)
     res.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res.load_s, res.memory = load_s, memory
+    res.memory = memory
+    return res, shape
+
+
+def run_job(job_path: str) -> int:
+    """Run one job under MPI; returns the process exit status."""
+    from mpi4py import MPI
+
+    from .comm import Transport
+
+    tp = Transport(MPI.COMM_WORLD)
+    log = Log(tp.rank)
+    try:
+        job, spec, prompts, out = _setup(job_path, tp)
+        tp.poll_min = job.runtime.poll_min_us * 1e-6
+        tp.poll_max = job.runtime.poll_max_us * 1e-6
+        if prompts is not None and prompts.note:
+            log.info(f"note: {prompts.note}")
+        devices, device = _devices(job, tp)
+        prof = _profile(job, spec, devices, device, tp, log, out)
+        plan, predicted, others = _plan(job, spec, devices, prof, tp, log)
+        log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
+        if predicted is not None:
+            log.info(
+                f"predicted: {predicted['per_token_s'] * 1e3:.2f} ms/token, "
+                f"{predicted['tokens_per_s']:.1f} tokens/s"
+            )
+        stages, load_s = _load(job, spec, plan, device, tp)
+        res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log)
+        res.load_s = load_s
+    except UserError as e:
+        for line in str(e).splitlines():
+            log.error(line)
+        return EXIT_USER_ERROR
+    except Exception:
+        # A bug, not a user error: show where, and let mpi4py abort the whole job.
+        print(
+            f"[rank {tp.rank}] internal error:\n{traceback.format_exc()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
     results = tp.gather(res)
     hosts = tp.gather(devices[tp.rank].host)
     if tp.rank != 0:
         return 0
+    from .metrics import build_record, summarize, write_run
 
     src = results[0]
     summary = summarize(src.tokens, src.token_time, src.group_start)
-    record = collect(job, spec, plan, devices, prompts, results, summary, hosts, shape)
+    record = build_record(
+        job, spec, plan, devices, prompts, results, summary, hosts, shape, prof, predicted, others
+    )
     write_run(out, record)
-    log.info(f"{wl.prompts} prompts x {wl.new_tokens} tokens, batch {b}: "
-             f"latency {summary['latency_ms_per_token']:.2f} ms/token, "
-             f"TTFT {summary['ttft_ms']:.1f} ms, {summary['tokens_per_s']:.1f} tokens/s")
+    log.info(
+        f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, batch "
+        f"{job.workload.batch_size}: latency {summary['latency_ms_per_token']:.2f} ms/token, "
+        f"TTFT {summary['ttft_ms']:.1f} ms, {summary['tokens_per_s']:.1f} tokens/s"
+    )
     log.info(f"wrote {out}")
     return 0
 
 
-def collect(job: Job, spec, plan, devices, prompts, results, summary, hosts, shape) -> dict:
-    """Everything rank 0 knows after the run, in the shape metrics.write_run expects."""
-    from .runtime import EVENT_DTYPE
+def profile_job(job_path: str, out_path: str | None) -> int:
+    """`edgeshard-mpi profile JOB`: measure and save a profile, nothing else."""
+    from dataclasses import replace
 
-    src = results[0]
-    wl = job.workload
-    n_stages = len(plan.stages)
-    stage_compute = np.zeros(n_stages)
-    for r in results:
-        for s, v in r.stage_compute_s.items():
-            stage_compute[s] = v
-    events = None
-    if job.output.events:
-        rows = [rfn.append_fields(r.events, "rank", np.full(len(r.events), r.rank, np.int16),
-                                  usemask=False) for r in results if r.events is not None]
-        events = (np.concatenate(rows) if rows else np.zeros(0, dtype=EVENT_DTYPE))
-    return {
-        "attrs": {
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "hosts": hosts,
-            "world_size": len(results),
-            "job_name": job.name,
-            "job_path": str(job.path),
-            "job_text": job.text,
-            "model": spec.to_dict(),
-            "dtype": job.model.dtype,
-            "mode": "sequential" if shape.slots == 1 else "pipeline",
-            "micro_batches": shape.slots,
-        },
-        "plan": {**plan.to_dict(), "description": plan.describe()},
-        "devices": [d.to_dict() for d in devices],
-        "workload": {
-            "attrs": {"prompt_source": prompts.source, "tokenizer": prompts.tokenizer,
-                      "prompt_note": prompts.note, "prompt_tokens": wl.prompt_tokens,
-                      "new_tokens": wl.new_tokens, "batch_size": wl.batch_size,
-                      "stop_at_eos": wl.stop_at_eos},
-            "prompt_ids": prompts.ids,
-            "prompt_text": list(prompts.texts),
-            "generated_ids": src.tokens.reshape(-1, wl.new_tokens),
-            "group_start_s": src.group_start,
-            "token_time_s": src.token_time,
-        },
-        "ranks": {
-            "compute_s": [r.compute_s for r in results],
-            "recv_wait_s": [r.recv_wait_s for r in results],
-            "send_s": [r.send_s for r in results],
-            "flush_s": [r.flush_s for r in results],
-            "wall_s": [r.wall_s for r in results],
-            "load_s": [r.load_s for r in results],
-            "bytes_sent": [r.bytes_sent for r in results],
-            "messages_sent": [r.messages_sent for r in results],
-            "actions": [r.actions for r in results],
-            "weights_bytes": [r.memory["weights"] for r in results],
-            "kv_cache_bytes": [r.memory["kv_cache"] for r in results],
-            "buffer_bytes": [r.memory["buffers"] for r in results],
-            "peak_rss_bytes": [r.peak_rss for r in results],
-        },
-        "stages": {"compute_s": stage_compute},
-        "events": events,
-        "summary": summary,
-    }
-
-
-def main_run(job_path: str) -> None:
-    """Entry for `edgeshard-mpi run`: exit cleanly (MPI finalized) with the job's status."""
     from mpi4py import MPI
 
-    status = run_job(job_path)
+    from .comm import Transport
+
+    tp = Transport(MPI.COMM_WORLD)
+    log = Log(tp.rank)
+    try:
+        job, spec, _, out = _setup(job_path, tp, need_prompts=False)
+        devices, device = _devices(job, tp)
+        job = replace(
+            job,
+            profile=replace(job.profile, reuse=None, save=None),
+            partition=replace(job.partition, strategy="edgeshard"),
+        )
+        prof = _profile(job, spec, devices, device, tp, log, out)
+    except UserError as e:
+        for line in str(e).splitlines():
+            log.error(line)
+        return EXIT_USER_ERROR
+    if tp.rank == 0:
+        path = Path(out_path) if out_path else out.with_suffix(".profile.json")
+        prof.save(path)
+        log.info(f"wrote {path}")
+    return 0
+
+
+def finish(status: int) -> None:
+    """Exit with `status`; on an error finalize MPI first, so every rank leaves cleanly
+    with that status instead of an MPI_Abort per rank."""
+    from mpi4py import MPI
+
     if status:
-        MPI.Finalize()  # a clean exit with status 2 instead of an MPI_Abort on every rank
+        MPI.Finalize()
     sys.exit(status)

@@ -20,8 +20,9 @@ from mpi4py import MPI
 from . import schedule as sch
 from .model import Stage, first_position, position_ids
 
-EVENT_DTYPE = np.dtype([("op", "u1"), ("stage", "i2"), ("slot", "i2"), ("it", "i4"),
-                        ("t0", "f8"), ("t1", "f8")])
+EVENT_DTYPE = np.dtype(
+    [("op", "u1"), ("stage", "i2"), ("slot", "i2"), ("it", "i4"), ("t0", "f8"), ("t1", "f8")]
+)
 OP_CODES = {sch.RECV: 0, sch.COMPUTE: 1, sch.SEND: 2}
 
 
@@ -61,9 +62,17 @@ class RankResult:
 
 
 class Runtime:
-    def __init__(self, transport, stage_ranks: list[int], stages: dict[int, Stage],
-                 shape: sch.Shape, order: str, workload: Workload, device: torch.device,
-                 record_events: bool = True):
+    def __init__(
+        self,
+        transport,
+        stage_ranks: list[int],
+        stages: dict[int, Stage],
+        shape: sch.Shape,
+        order: str,
+        workload: Workload,
+        device: torch.device,
+        record_events: bool = True,
+    ):
         self.tp, self.rank = transport, transport.rank
         self.stage_ranks, self.n_stages = list(stage_ranks), len(stage_ranks)
         self.stages, self.shape, self.wl = stages, shape, workload
@@ -71,8 +80,11 @@ class Runtime:
         self.actions = sch.build(stage_ranks, shape, order).get(self.rank, [])
         self.b, self.P = workload.micro_batch, workload.prompt_tokens
         context = workload.prompt_tokens + workload.new_tokens
-        self.caches = {(s, j): st.new_cache(self.b, context)
-                       for s, st in stages.items() for j in range(shape.active_slots)}
+        self.caches = {
+            (s, j): st.new_cache(self.b, context)
+            for s, st in stages.items()
+            for j in range(shape.active_slots)
+        }
         hidden = next(iter(stages.values())).spec.hidden_size if stages else 0
         dtype = next(iter(stages.values())).dtype if stages else torch.float32
         # One flat receive buffer per (stage, slot): prefill-sized, decode uses its head.
@@ -83,8 +95,9 @@ class Runtime:
                     self.bufs[(s, j)] = torch.zeros(self.b, dtype=torch.int64)
                 else:
                     self.bufs[(s, j)] = torch.zeros(self.b * self.P * hidden, dtype=dtype)
-        self.positions = [position_ids(self.b, self.P, k).to(device)
-                          for k in range(workload.new_tokens)]
+        self.positions = [
+            position_ids(self.b, self.P, k).to(device) for k in range(workload.new_tokens)
+        ]
 
     def memory_bytes(self) -> dict:
         return {
@@ -104,8 +117,9 @@ class Runtime:
             res.token_time = np.full((g, steps), np.nan)
             res.group_start = np.full(g, np.nan)
         self._res, self._t0, self._on_group_done = res, t0, on_group_done
-        self._finished = (np.zeros((self.shape.groups, self.b), dtype=bool)
-                          if res.tokens is not None else None)
+        self._finished = (
+            np.zeros((self.shape.groups, self.b), dtype=bool) if res.tokens is not None else None
+        )
         self._status = MPI.Status()
         self._inputs, self._outputs, self._stopped = {}, {}, set()
         self._local: dict[tuple[int, int], deque] = {}
@@ -132,8 +146,14 @@ class Runtime:
             res.actions += 1
             self.tp.progress()
             if events is not None:
-                events[n_events] = (OP_CODES[a.op], a.stage, a.slot, a.it, t_start - t0,
-                                    time.perf_counter() - t0)
+                events[n_events] = (
+                    OP_CODES[a.op],
+                    a.stage,
+                    a.slot,
+                    a.it,
+                    t_start - t0,
+                    time.perf_counter() - t0,
+                )
                 n_events += 1
         res.flush_s = self.tp.flush()
         res.wall_s = time.perf_counter() - t0
@@ -219,8 +239,7 @@ class Runtime:
         cache = self.caches[key]
         if step == 0 and cache is not None:
             cache.reset()
-        out = stage(x.to(self.device), cache, self.positions[step],
-                    first_position(self.P, step))
+        out = stage(x.to(self.device), cache, self.positions[step], first_position(self.P, step))
         if stage.has_head:
             out = out.argmax(dim=-1)  # greedy decoding: tokens [B]
         self._outputs[key] = out.cpu()

@@ -69,8 +69,9 @@ class Action:
         return f"{self.op[0].upper()}{self.stage}.{self.slot}.{self.it}"
 
 
-def build(stage_ranks: list[int] | tuple[int, ...], shape: Shape,
-          order: str = "no-bubbles") -> dict[int, list[Action]]:
+def build(
+    stage_ranks: list[int] | tuple[int, ...], shape: Shape, order: str = "no-bubbles"
+) -> dict[int, list[Action]]:
     """Per-rank ordered actions for a chain of stages (stage_ranks[s] runs stage s)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -132,8 +133,14 @@ class SimResult:
         return self.makespan - self.busy.get(rank, 0.0)
 
 
-def simulate(stage_ranks, shape: Shape, order: str, compute_s, hop_s,
-             actions: dict[int, list[Action]] | None = None) -> SimResult:
+def simulate(
+    stage_ranks,
+    shape: Shape,
+    order: str,
+    compute_s,
+    hop_s,
+    actions: dict[int, list[Action]] | None = None,
+) -> SimResult:
     """Replay every rank's action list with modelled costs.
 
     compute_s(stage, step) -> seconds of one compute (step 0 = prefill);
@@ -174,8 +181,9 @@ def simulate(stage_ranks, shape: Shape, order: str, compute_s, hop_s,
                     t += d
                 else:
                     dst = peer(a, stage_ranks)
-                    dst_stage, dst_it = ((0, a.it) if a.stage == n_stages - 1
-                                         else (a.stage + 1, a.it))
+                    dst_stage, dst_it = (
+                        (0, a.it) if a.stage == n_stages - 1 else (a.stage + 1, a.it)
+                    )
                     if dst == rank:
                         arrival = t
                     else:

@@ -43,11 +43,22 @@ def unit_tensor_shapes(spec: ModelSpec, unit: int) -> dict[str, tuple[int, ...]]
         p + "mlp.down_proj.weight": (h, inter),
     }
     if spec.attention_bias:
-        shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.bias": (h,),
+            }
+        )
     if spec.mlp_bias:
-        shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-                       p + "mlp.down_proj.bias": (h,)})
+        shapes.update(
+            {
+                p + "mlp.gate_proj.bias": (inter,),
+                p + "mlp.up_proj.bias": (inter,),
+                p + "mlp.down_proj.bias": (h,),
+            }
+        )
     return shapes
 
 
@@ -110,8 +121,11 @@ class SafetensorsWeights:
             )
 
     def _name_for(self, name: str) -> str:
-        if name == "lm_head.weight" and name not in self.weight_map and (
-                self.spec.tie_word_embeddings or "model.embed_tokens.weight" in self.weight_map):
+        if (
+            name == "lm_head.weight"
+            and name not in self.weight_map
+            and (self.spec.tie_word_embeddings or "model.embed_tokens.weight" in self.weight_map)
+        ):
             return "model.embed_tokens.weight"  # tied embeddings: the head reuses the table
         return name
 

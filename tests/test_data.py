@@ -16,8 +16,9 @@ from edgeshard_mpi.job import JobError, WorkloadCfg
 
 
 def workload(dataset, **kw) -> WorkloadCfg:
-    return WorkloadCfg(dataset=dataset, dataset_field=None if dataset is None else str(dataset),
-                       **kw)
+    return WorkloadCfg(
+        dataset=dataset, dataset_field=None if dataset is None else str(dataset), **kw
+    )
 
 
 def test_wikitext_prompts_are_exact_and_deterministic(shared_data):
@@ -81,5 +82,8 @@ def test_byte_tokenizer_roundtrip():
 def test_builtin_prompts_are_ours():
     paras = builtin_paragraphs()
     assert len(paras) >= 16 and all(len(p.split()) >= 30 for p in paras)
-    assert Path(__file__).parent.parent.joinpath("edgeshard_mpi", "resources",
-                                                 "builtin_prompts.txt").is_file()
+    assert (
+        Path(__file__)
+        .parent.parent.joinpath("edgeshard_mpi", "resources", "builtin_prompts.txt")
+        .is_file()
+    )

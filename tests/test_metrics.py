@@ -31,12 +31,22 @@ def test_summarize_counts_only_tokens_before_eos():
 def _run(tmp_path):
     return {
         "attrs": {"job_name": "t", "versions": {"torch": "x"}, "hosts": ["a"]},
-        "plan": {"strategy": "even", "objective": "latency", "description": "r0[0,6)",
-                 "stages": [[0, 0, 6]], "info": {}},
+        "plan": {
+            "strategy": "even",
+            "objective": "latency",
+            "description": "r0[0,6)",
+            "stages": [[0, 0, 6]],
+            "info": {},
+        },
         "devices": [{"rank": 0, "host": "a", "memory_budget": 10, "cores": 2.0}],
-        "workload": {"attrs": {"prompt_source": "builtin"}, "prompt_ids": np.zeros((2, 4)),
-                     "prompt_text": ["x", "y"], "generated_ids": np.zeros((2, 3)),
-                     "group_start_s": np.zeros(2), "token_time_s": np.zeros((2, 3))},
+        "workload": {
+            "attrs": {"prompt_source": "builtin"},
+            "prompt_ids": np.zeros((2, 4)),
+            "prompt_text": ["x", "y"],
+            "generated_ids": np.zeros((2, 3)),
+            "group_start_s": np.zeros(2),
+            "token_time_s": np.zeros((2, 3)),
+        },
         "ranks": {"compute_s": [1.0], "bytes_sent": [5]},
         "stages": {"compute_s": [1.0]},
         "events": None,

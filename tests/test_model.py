@@ -26,8 +26,13 @@ def reference_logits(model, ids):
     out, x = [], ids
     with torch.inference_mode():
         for step in range(G):
-            logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                           position_ids=position_ids(B, P, step)).logits[:, -1]
+            logits = model(
+                input_ids=x,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                position_ids=position_ids(B, P, step),
+            ).logits[:, -1]
             out.append(logits)
             x = logits.argmax(-1, keepdim=True)
     return out
@@ -88,9 +93,10 @@ def test_synthetic_units_are_independent_of_partition():
     for unit in (3, 0, spec.n_units - 1):  # any order gives the same tensors
         sa, sb = a.unit_state(unit), b.unit_state(unit)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(SyntheticWeights(spec, 8).unit_state(1)["model.layers.0.mlp.up_proj"
-                                                                    ".weight"],
-                           a.unit_state(1)["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        SyntheticWeights(spec, 8).unit_state(1)["model.layers.0.mlp.up_proj.weight"],
+        a.unit_state(1)["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_stage_holds_only_its_units():
@@ -176,7 +182,11 @@ def test_presets_have_real_llama2_sizes():
 
 def test_hf_config_roundtrip(shared_data):
     spec = resolve(str(shared_data / "stories260K-hf"))
-    assert (spec.num_layers, spec.hidden_size, spec.num_kv_heads, spec.vocab_size) == (5, 64, 4,
-                                                                                       512)
+    assert (spec.num_layers, spec.hidden_size, spec.num_kv_heads, spec.vocab_size) == (
+        5,
+        64,
+        4,
+        512,
+    )
     assert spec.tie_word_embeddings and spec.head_size == 8
     assert spec.total_params() == 260_032

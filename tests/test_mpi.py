@@ -23,8 +23,14 @@ from tests.conftest import mpiexec, run_mpi
 pytestmark = pytest.mark.mpi
 
 
-def hf_generate(source: str, prompt_ids: np.ndarray, new_tokens: int, batch: int,
-                eos: int | None = None, seed: int = 0) -> np.ndarray:
+def hf_generate(
+    source: str,
+    prompt_ids: np.ndarray,
+    new_tokens: int,
+    batch: int,
+    eos: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """Reference tokens from transformers' own generate, batch by batch; eos=None: a fixed
     token count, like benchmarks."""
     spec = resolve(source)
@@ -32,9 +38,14 @@ def hf_generate(source: str, prompt_ids: np.ndarray, new_tokens: int, batch: int
     model.generation_config.eos_token_id = eos
     out = []
     for i in range(0, len(prompt_ids), batch):
-        ids = torch.from_numpy(prompt_ids[i:i + batch])
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, pad_token_id=0)[:, ids.shape[1]:]
+        ids = torch.from_numpy(prompt_ids[i : i + batch])
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=0,
+        )[:, ids.shape[1] :]
         gen = gen.numpy()  # shorter when every sequence of the batch stopped: pad with 0
         out.append(np.pad(gen, ((0, 0), (0, new_tokens - gen.shape[1]))))
     return np.concatenate(out)
@@ -56,9 +67,12 @@ def check_file(path: Path, n_ranks: int, prompts: int, new_tokens: int) -> dict:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_synthetic_tokens_equal_generate(n, write_job, tmp_path):
-    job = write_job({"model": {"source": "tiny", "seed": 11},
-                     "workload": {"tokenizer": "bytes", "prompts": 4, "batch_size": 2,
-                                  "new_tokens": 24}})
+    job = write_job(
+        {
+            "model": {"source": "tiny", "seed": 11},
+            "workload": {"tokenizer": "bytes", "prompts": 4, "batch_size": 2, "new_tokens": 24},
+        }
+    )
     proc = run_mpi(n, job)
     assert proc.returncode == 0, proc.stderr
     r = check_file(tmp_path / "results" / "run.h5", n, 4, 24)
@@ -68,22 +82,37 @@ def test_synthetic_tokens_equal_generate(n, write_job, tmp_path):
     assert "latency" in proc.stdout and "wrote" in proc.stdout
 
 
-@pytest.mark.parametrize("n, stages", [
-    (1, None),
-    (2, None),
-    (3, [(0, 0, 1), (1, 1, 4), (2, 4, 7)]),  # embedding alone on the source
-    (4, [(0, 0, 3), (2, 3, 6), (3, 6, 7)]),  # rank 1 idles; the head alone on rank 3
-])
+@pytest.mark.parametrize(
+    "n, stages",
+    [
+        (1, None),
+        (2, None),
+        (3, [(0, 0, 1), (1, 1, 4), (2, 4, 7)]),  # embedding alone on the source
+        (4, [(0, 0, 3), (2, 3, 6), (3, 6, 7)]),  # rank 1 idles; the head alone on rank 3
+    ],
+)
 def test_trained_model_tokens_equal_generate(n, stages, shared_data, write_job, tmp_path):
     source = str(shared_data / "stories260K-hf")
-    part = {"strategy": "even"} if stages is None else {
-        "strategy": "explicit",
-        "stages": [{"rank": r, "layers": [a, b]} for r, a, b in stages]}
-    job = write_job({"model": {"source": source},
-                     "workload": {"dataset": str(shared_data / "wikitext-2-raw-v1" /
-                                                 "wiki.test.raw"),
-                                  "prompts": 4, "batch_size": 2, "new_tokens": 96},
-                     "partition": part})
+    part = (
+        {"strategy": "even"}
+        if stages is None
+        else {
+            "strategy": "explicit",
+            "stages": [{"rank": r, "layers": [a, b]} for r, a, b in stages],
+        }
+    )
+    job = write_job(
+        {
+            "model": {"source": source},
+            "workload": {
+                "dataset": str(shared_data / "wikitext-2-raw-v1" / "wiki.test.raw"),
+                "prompts": 4,
+                "batch_size": 2,
+                "new_tokens": 96,
+            },
+            "partition": part,
+        }
+    )
     proc = run_mpi(n, job)
     assert proc.returncode == 0, proc.stderr
     r = check_file(tmp_path / "results" / "run.h5", n, 4, 96)
@@ -98,9 +127,18 @@ def test_stop_at_eos_matches_generate(shared_data, write_job, tmp_path):
     """TinyStories models end a story with token 1: stop there. Groups of one prompt, so a
     group that stops sends the stop message down the chain."""
     source = str(shared_data / "stories260K-hf")
-    job = write_job({"model": {"source": source},
-                     "workload": {"prompts": 8, "batch_size": 1, "new_tokens": 200,
-                                  "stop_at_eos": True, "eos_token_id": 1}})
+    job = write_job(
+        {
+            "model": {"source": source},
+            "workload": {
+                "prompts": 8,
+                "batch_size": 1,
+                "new_tokens": 200,
+                "stop_at_eos": True,
+                "eos_token_id": 1,
+            },
+        }
+    )
     proc = run_mpi(3, job)
     assert proc.returncode == 0, proc.stderr
     r = read_run(tmp_path / "results" / "run.h5")
@@ -122,20 +160,35 @@ def test_stop_at_eos_matches_generate(shared_data, write_job, tmp_path):
 BAD_JOBS = [
     ({"model": {"source": "tiny", "colour": "red"}}, "unknown field(s) in [model]: colour"),
     ({"model": {"source": "no-such-model"}}, "model.source: model 'no-such-model'"),
-    ({"model": {"source": "tiny"}, "workload": {"prompts": "many"}},
-     "workload.prompts: expected int"),
-    ({"model": {"source": "tiny"}, "workload": {"dataset": "/nonexistent/wiki.test.raw"}},
-     "no file at /nonexistent/wiki.test.raw"),
-    ({"model": {"source": "tiny"},
-      "partition": {"strategy": "explicit", "stages": [{"rank": 0, "layers": [0, 3]},
-                                                       {"rank": 1, "layers": [3, 5]}]}},
-     "cover [0, 5) but the model has 6 units"),
-    ({"model": {"source": "tiny"},
-      "partition": {"strategy": "explicit", "stages": [{"rank": 0, "layers": [0, 3]},
-                                                       {"rank": 7, "layers": [3, 6]}]}},
-     "rank 7 does not exist"),
-    ({"model": {"source": "tiny"}, "workload": {"new_tokens": 1000}},
-     "max_position_embeddings"),
+    (
+        {"model": {"source": "tiny"}, "workload": {"prompts": "many"}},
+        "workload.prompts: expected int",
+    ),
+    (
+        {"model": {"source": "tiny"}, "workload": {"dataset": "/nonexistent/wiki.test.raw"}},
+        "no file at /nonexistent/wiki.test.raw",
+    ),
+    (
+        {
+            "model": {"source": "tiny"},
+            "partition": {
+                "strategy": "explicit",
+                "stages": [{"rank": 0, "layers": [0, 3]}, {"rank": 1, "layers": [3, 5]}],
+            },
+        },
+        "cover [0, 5) but the model has 6 units",
+    ),
+    (
+        {
+            "model": {"source": "tiny"},
+            "partition": {
+                "strategy": "explicit",
+                "stages": [{"rank": 0, "layers": [0, 3]}, {"rank": 7, "layers": [3, 6]}],
+            },
+        },
+        "rank 7 does not exist",
+    ),
+    ({"model": {"source": "tiny"}, "workload": {"new_tokens": 1000}}, "max_position_embeddings"),
 ]
 
 
@@ -157,7 +210,8 @@ def test_bad_checkpoint_exits_2(tmp_path, write_job):
     model.mkdir()
     (model / "config.json").write_text(
         '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, '
-        '"num_hidden_layers": 2, "num_attention_heads": 8, "vocab_size": 512}')
+        '"num_hidden_layers": 2, "num_attention_heads": 8, "vocab_size": 512}'
+    )
     job = write_job({"model": {"source": str(model)}, "workload": {"tokenizer": "bytes"}})
     proc = run_mpi(2, job, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -171,22 +225,39 @@ def test_missing_job_file_exits_2(tmp_path):
 
 def test_dead_rank_aborts_the_job(write_job, tmp_path):
     """SIGKILL one rank mid-run: the job ends non-zero, promptly, with no results file."""
-    job = write_job({"model": {"source": "small"},
-                     "workload": {"tokenizer": "bytes", "prompts": 16, "new_tokens": 96}})
+    job = write_job(
+        {
+            "model": {"source": "small"},
+            "workload": {"tokenizer": "bytes", "prompts": 16, "new_tokens": 96},
+        }
+    )
     env = dict(os.environ, MPIEXEC_TIMEOUT="300")
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-m", "edgeshard_mpi", "run",
-           str(job)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=tmp_path)
+    cmd = [
+        mpiexec(),
+        "-n",
+        "3",
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "edgeshard_mpi",
+        "run",
+        str(job),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
     try:
         victim = None
         deadline = time.monotonic() + 120
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.5)
             # Anchored at the interpreter, so mpiexec's own command line does not match.
-            out = subprocess.run(["pgrep", "-f", f"^{sys.executable} -m mpi4py -m "
-                                  f"edgeshard_mpi run {job}"],
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                ["pgrep", "-f", f"^{sys.executable} -m mpi4py -m edgeshard_mpi run {job}"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             ranks = sorted(int(p) for p in out)
             if len(ranks) == 3:
                 time.sleep(8)  # let it load and start generating
@@ -201,4 +272,5 @@ def test_dead_rank_aborts_the_job(write_job, tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - t_kill < 60
     assert not (tmp_path / "results").exists() or not any(
-        p.suffix == ".h5" for p in (tmp_path / "results").iterdir())
+        p.suffix == ".h5" for p in (tmp_path / "results").iterdir()
+    )

@@ -9,8 +9,17 @@ from edgeshard_mpi import schedule as sch
 
 def test_sequential_single_rank_is_compute_send_recv():
     acts = sch.build([0], sch.Shape(groups=1, slots=1, steps=3))[0]
-    assert [str(a) for a in acts] == ["C0.0.0", "S0.0.0", "R0.0.0", "C0.0.1", "S0.0.1",
-                                      "R0.0.1", "C0.0.2", "S0.0.2", "R0.0.2"]
+    assert [str(a) for a in acts] == [
+        "C0.0.0",
+        "S0.0.0",
+        "R0.0.0",
+        "C0.0.1",
+        "S0.0.1",
+        "R0.0.1",
+        "C0.0.2",
+        "S0.0.2",
+        "R0.0.2",
+    ]
 
 
 def test_orders_differ_only_at_the_source():
@@ -18,12 +27,34 @@ def test_orders_differ_only_at_the_source():
     nb = sch.build([0, 1, 2], shape, "no-bubbles")
     bb = sch.build([0, 1, 2], shape, "bubbles")
     assert nb[1] == bb[1] and nb[2] == bb[2]
-    assert [str(a) for a in nb[0]] == ["C0.0.0", "S0.0.0", "C0.1.0", "S0.1.0", "R0.0.0",
-                                       "C0.0.1", "S0.0.1", "R0.1.0", "C0.1.1", "S0.1.1",
-                                       "R0.0.1", "R0.1.1"]
-    assert [str(a) for a in bb[0]] == ["C0.0.0", "S0.0.0", "C0.1.0", "S0.1.0", "R0.0.0",
-                                       "R0.1.0", "C0.0.1", "S0.0.1", "C0.1.1", "S0.1.1",
-                                       "R0.0.1", "R0.1.1"]
+    assert [str(a) for a in nb[0]] == [
+        "C0.0.0",
+        "S0.0.0",
+        "C0.1.0",
+        "S0.1.0",
+        "R0.0.0",
+        "C0.0.1",
+        "S0.0.1",
+        "R0.1.0",
+        "C0.1.1",
+        "S0.1.1",
+        "R0.0.1",
+        "R0.1.1",
+    ]
+    assert [str(a) for a in bb[0]] == [
+        "C0.0.0",
+        "S0.0.0",
+        "C0.1.0",
+        "S0.1.0",
+        "R0.0.0",
+        "R0.1.0",
+        "C0.0.1",
+        "S0.0.1",
+        "C0.1.1",
+        "S0.1.1",
+        "R0.0.1",
+        "R0.1.1",
+    ]
 
 
 def test_slots_serve_groups_in_turn():
@@ -58,10 +89,15 @@ def test_every_schedule_completes(ranks, order, groups, slots):
 def test_receives_match_sends_one_to_one():
     ranks, shape = [0, 1, 2], sch.Shape(groups=3, slots=2, steps=4)
     acts = sch.build(ranks, shape)
-    sends = sorted((sch.peer(a, ranks), sch.channel(a, 3, 2), a.it)
-                   for r, al in acts.items() for a in al if a.op == sch.SEND)
-    recvs = sorted((r, sch.channel(a, 3, 2), a.it)
-                   for r, al in acts.items() for a in al if a.op == sch.RECV)
+    sends = sorted(
+        (sch.peer(a, ranks), sch.channel(a, 3, 2), a.it)
+        for r, al in acts.items()
+        for a in al
+        if a.op == sch.SEND
+    )
+    recvs = sorted(
+        (r, sch.channel(a, 3, 2), a.it) for r, al in acts.items() for a in al if a.op == sch.RECV
+    )
     assert sends == recvs
 
 

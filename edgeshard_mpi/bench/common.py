@@ -25,15 +25,32 @@ def data_dir() -> Path | None:
     return d if (d / "wikitext-2-raw-v1" / "wiki.test.raw").is_file() else None
 
 
-def run_job(n: int, job: dict, path: Path, mpi_args: tuple[str, ...] = (),
-            env: dict | None = None, timeout: int = 1800) -> dict:
+def run_job(
+    n: int,
+    job: dict,
+    path: Path,
+    mpi_args: tuple[str, ...] = (),
+    env: dict | None = None,
+    timeout: int = 1800,
+) -> dict:
     """Write `job` to `path`, run it on n ranks, return the run file's contents."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_out.dumps(job))
     out = Path(job["output"]["path"])
     out.unlink(missing_ok=True)
-    cmd = [mpiexec_path(), *mpi_args, "-n", str(n), sys.executable, "-m", "mpi4py", "-m",
-           "edgeshard_mpi", "run", str(path)]
+    cmd = [
+        mpiexec_path(),
+        *mpi_args,
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "edgeshard_mpi",
+        "run",
+        str(path),
+    ]
     full_env = dict(os.environ, MPIEXEC_TIMEOUT=str(timeout), **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
     if proc.returncode != 0:

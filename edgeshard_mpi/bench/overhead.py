@@ -47,8 +47,13 @@ def hf_ms_per_token(model: str, prompt_ids: np.ndarray, new_tokens: int, threads
         for row in prompt_ids:
             ids = torch.from_numpy(row[None])
             t0 = time.perf_counter()
-            ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=new_tokens, pad_token_id=0)
+            ref.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
             per.append((time.perf_counter() - t0) / new_tokens)
     return float(np.mean(per) * 1e3)
 
@@ -104,11 +109,11 @@ def hop_transport_ms(run: dict) -> float:
     for s in range(n):
         sends = ev[(ev["rank"] == ranks[s]) & (ev["op"] == 2) & (ev["stage"] == s)]
         dst_stage = (s + 1) % n
-        recvs = ev[(ev["rank"] == ranks[dst_stage]) & (ev["op"] == 0)
-                   & (ev["stage"] == dst_stage)]
+        recvs = ev[(ev["rank"] == ranks[dst_stage]) & (ev["op"] == 0) & (ev["stage"] == dst_stage)]
         done = {(int(e["slot"]), int(e["it"])): e["t1"] for e in recvs}
-        delays += [done[k] - e["t0"] for e in sends
-                   if (k := (int(e["slot"]), int(e["it"]))) in done]
+        delays += [
+            done[k] - e["t0"] for e in sends if (k := (int(e["slot"]), int(e["it"]))) in done
+        ]
     return float(np.median(delays) * 1e3)
 
 
@@ -123,60 +128,87 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     data = data_dir()
-    workload = {"tokenizer": "bytes", "prompts": args.prompts, "batch_size": 1,
-                "new_tokens": args.new_tokens}
+    workload = {
+        "tokenizer": "bytes",
+        "prompts": args.prompts,
+        "batch_size": 1,
+        "new_tokens": args.new_tokens,
+    }
     if data is not None:
         workload["dataset"] = str((data / "wikitext-2-raw-v1" / "wiki.test.raw").resolve())
 
     def job(n: int, threads: int = 0) -> dict:
-        return {"name": f"overhead-{n}", "model": {"source": args.model},
-                "workload": workload, "partition": {"strategy": "even"},
-                "runtime": {"threads": threads},
-                "output": {"path": str((out / f"r{n}-t{threads}.h5").resolve())}}
+        return {
+            "name": f"overhead-{n}",
+            "model": {"source": args.model},
+            "workload": workload,
+            "partition": {"strategy": "even"},
+            "runtime": {"threads": threads},
+            "output": {"path": str((out / f"r{n}-t{threads}.h5").resolve())},
+        }
 
     cores = len(os.sched_getaffinity(0))
     rows = []
-    print(f"bench-overhead: model {args.model}, {args.prompts} prompts x {args.new_tokens} "
-          f"tokens, {args.rounds} interleaved rounds, {cores} cores")
+    print(
+        f"bench-overhead: model {args.model}, {args.prompts} prompts x {args.new_tokens} "
+        f"tokens, {args.rounds} interleaved rounds, {cores} cores"
+    )
     for rnd in range(args.rounds):
         one = run_job(1, job(1), out / "r1.toml")
         one_t1 = run_job(1, job(1, threads=1), out / "r1-t1.toml")
         many = run_job(args.ranks, job(args.ranks, threads=1), out / f"r{args.ranks}.toml")
-        hf = hf_ms_per_token(args.model, one["workload"]["prompt_ids"], args.new_tokens,
-                             threads=int(one["devices"]["threads"][0]))
+        hf = hf_ms_per_token(
+            args.model,
+            one["workload"]["prompt_ids"],
+            args.new_tokens,
+            threads=int(one["devices"]["threads"][0]),
+        )
         hops = len(many["plan"]["stages"])
         tokens = many["summary"]["@generated_tokens"]
-        compute_extra = (many["ranks"]["compute_s"].sum() - one_t1["ranks"]["compute_s"].sum())
-        row = {"hf": hf, "one": one["summary"]["@latency_ms_per_token"],
-               "threads": int(one["devices"]["threads"][0]),
-               "one_t1": one_t1["summary"]["@latency_ms_per_token"],
-               "many": many["summary"]["@latency_ms_per_token"], "hops": hops,
-               "transport_ms_per_hop": hop_transport_ms(many),
-               "compute_ms_per_hop": compute_extra / tokens / hops * 1e3,
-               "idle_control_ms_per_stage": idle_control_ms(args.model, many["plan"]["stages"],
-                                                            args.new_tokens)}
+        compute_extra = many["ranks"]["compute_s"].sum() - one_t1["ranks"]["compute_s"].sum()
+        row = {
+            "hf": hf,
+            "one": one["summary"]["@latency_ms_per_token"],
+            "threads": int(one["devices"]["threads"][0]),
+            "one_t1": one_t1["summary"]["@latency_ms_per_token"],
+            "many": many["summary"]["@latency_ms_per_token"],
+            "hops": hops,
+            "transport_ms_per_hop": hop_transport_ms(many),
+            "compute_ms_per_hop": compute_extra / tokens / hops * 1e3,
+            "idle_control_ms_per_stage": idle_control_ms(
+                args.model, many["plan"]["stages"], args.new_tokens
+            ),
+        }
         row["added_ms_per_hop"] = (row["many"] - row["one_t1"]) / hops
         rows.append(row)
-        print(f"  round {rnd + 1}: generate {row['hf']:.2f} | 1 rank {row['one']:.2f} "
-              f"({row['threads']} threads), {row['one_t1']:.2f} (1 thread) | {args.ranks} ranks "
-              f"{row['many']:.2f} ms/token; per hop +{row['added_ms_per_hop']:.3f} ms "
-              f"(transport {row['transport_ms_per_hop']:.3f}, compute "
-              f"{row['compute_ms_per_hop']:.3f}; in one process, idling alone "
-              f"+{row['idle_control_ms_per_stage']:.3f})")
+        print(
+            f"  round {rnd + 1}: generate {row['hf']:.2f} | 1 rank {row['one']:.2f} "
+            f"({row['threads']} threads), {row['one_t1']:.2f} (1 thread) | {args.ranks} ranks "
+            f"{row['many']:.2f} ms/token; per hop +{row['added_ms_per_hop']:.3f} ms "
+            f"(transport {row['transport_ms_per_hop']:.3f}, compute "
+            f"{row['compute_ms_per_hop']:.3f}; in one process, idling alone "
+            f"+{row['idle_control_ms_per_stage']:.3f})"
+        )
     med = {k: median([r[k] for r in rows]) for k in rows[0]}
     result = {
-        "model": args.model, "rounds": rows, "median": med,
+        "model": args.model,
+        "rounds": rows,
+        "median": med,
         "ratio_one_rank_vs_generate": med["one"] / med["hf"],
         "median_of_round_ratios": median([r["one"] / r["hf"] for r in rows]),
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    print(f"1 rank / transformers generate: {result['ratio_one_rank_vs_generate']:.3f} "
-          f"(median of round ratios {result['median_of_round_ratios']:.3f}; target <= 1.05)")
-    print(f"{args.ranks} ranks vs 1 rank (1 thread each): +{med['added_ms_per_hop']:.3f} ms per "
-          f"hop per token over {med['hops']:.0f} hops (target <= 0.5): transport "
-          f"{med['transport_ms_per_hop']:.3f} ms, slower compute {med['compute_ms_per_hop']:.3f} "
-          f"ms, of which idling alone (one process, no MPI) explains "
-          f"{med['idle_control_ms_per_stage']:.3f} ms")
+    print(
+        f"1 rank / transformers generate: {result['ratio_one_rank_vs_generate']:.3f} "
+        f"(median of round ratios {result['median_of_round_ratios']:.3f}; target <= 1.05)"
+    )
+    print(
+        f"{args.ranks} ranks vs 1 rank (1 thread each): +{med['added_ms_per_hop']:.3f} ms per "
+        f"hop per token over {med['hops']:.0f} hops (target <= 0.5): transport "
+        f"{med['transport_ms_per_hop']:.3f} ms, slower compute {med['compute_ms_per_hop']:.3f} "
+        f"ms, of which idling alone (one process, no MPI) explains "
+        f"{med['idle_control_ms_per_stage']:.3f} ms"
+    )
     print(f"wrote {out / 'summary.json'}")
 
 

@@ -68,8 +68,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        return cls(tuple(Stage(*map(int, s)) for s in d["stages"]), d.get("strategy", "explicit"),
-                   d.get("objective", "latency"), d.get("info", {}))
+        return cls(
+            tuple(Stage(*map(int, s)) for s in d["stages"]),
+            d.get("strategy", "explicit"),
+            d.get("objective", "latency"),
+            d.get("info", {}),
+        )
 
     @classmethod
     def from_assignment(cls, ranks_per_unit, **kw) -> Plan:
@@ -82,8 +86,12 @@ class Plan:
         return cls(tuple(stages), **kw)
 
 
-def even_plan(n_units: int, ranks: tuple[int, ...] | list[int], strategy: str = "even",
-              objective: str = "latency") -> Plan:
+def even_plan(
+    n_units: int,
+    ranks: tuple[int, ...] | list[int],
+    strategy: str = "even",
+    objective: str = "latency",
+) -> Plan:
     """Decoder layers split as evenly as possible over `ranks` (earlier ranks take the
     remainder); the embedding joins the first stage, the head the last."""
     layers = n_units - 2

@@ -1,0 +1,138 @@
+"""Strategies, named as in the paper, and why a problem is infeasible.
+
+edge-solo        the whole model on the source device;
+cloud-edge-even  the layers split evenly between the source and the cloud server;
+cloud-edge-opt   the optimal split between the source and the cloud (the DP restricted to
+                 those two devices);
+edgeshard-even   the devices EdgeShard selects, in its order, with the layers split evenly;
+edgeshard        the joint device selection and partition DP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cost import evaluate
+from .plan import Plan, even_plan
+from .problem import Infeasible, Problem
+
+STRATEGIES = ("edgeshard", "edgeshard-even", "edge-solo", "cloud-edge-even", "cloud-edge-opt")
+OBJECTIVES = ("latency", "throughput")
+ALGORITHMS = ("exact", "paper")
+GB = 1e9
+
+
+def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
+    """Why no plan over `devices` fits, with the numbers."""
+    p = prob.profile
+    names = [p.names[d] for d in devices]
+    need = float(prob.memory.sum())
+    kv = float((prob.memory - p.weight_bytes).sum())
+    have = float(p.memory_budget[devices].sum())
+    who = (
+        names[0]
+        if len(names) == 1
+        else f"{len(names)} devices ({', '.join(names[:4])}" + (", ...)" if len(names) > 4 else ")")
+    )
+    if need > have:
+        return (
+            f"{strategy}: infeasible: the model needs {need / GB:.1f} GB (weights "
+            f"{(need - kv) / GB:.1f} GB + KV cache {kv / GB:.2f} GB for batch {prob.batch}"
+            f"{f' x {prob.slots} micro-batches' if prob.slots > 1 else ''}) but {who} "
+            f"hold {have / GB:.1f} GB"
+        )
+    biggest = int(np.argmax(prob.memory))
+    if prob.memory[biggest] > p.memory_budget[devices].max():
+        return (
+            f"{strategy}: infeasible: unit {biggest} alone needs "
+            f"{prob.memory[biggest] / GB:.2f} GB, more than any of {who} holds (at most "
+            f"{p.memory_budget[devices].max() / GB:.2f} GB)"
+        )
+    for u in range(prob.n_units):
+        if not np.isfinite(prob.compute[devices, u]).any():
+            return f"{strategy}: infeasible: no device of {who} can run unit {u}"
+    if prob.memory[0] > p.memory_budget[prob.source]:
+        return (
+            f"{strategy}: infeasible: the source {p.names[prob.source]} cannot hold unit 0 "
+            f"(the embedding, {prob.memory[0] / GB:.2f} GB; it has "
+            f"{p.memory_budget[prob.source] / GB:.2f} GB)"
+        )
+    return (
+        f"{strategy}: infeasible: {who} hold {have / GB:.1f} GB for the model's "
+        f"{need / GB:.1f} GB, but no split into whole layers fits their budgets"
+    )
+
+
+def _checked(plan: Plan, prob: Problem) -> Plan:
+    ev = evaluate(plan, prob)
+    if not np.isfinite(ev.latency_s):
+        bad = [
+            st
+            for st in plan.stages
+            if not np.isfinite(prob.compute[st.rank, st.start : st.end]).all()
+        ]
+        raise Infeasible(
+            f"{plan.strategy}: infeasible: {prob.profile.names[bad[0].rank]} "
+            f"cannot run units [{bad[0].start}, {bad[0].end})"
+        )
+    if ev.over_budget:
+        d, over = next(iter(ev.over_budget.items()))
+        budget = prob.profile.memory_budget[d]
+        raise Infeasible(
+            f"{plan.strategy}: infeasible (out of memory): {prob.profile.names[d]} would hold "
+            f"{(budget + over) / GB:.2f} GB but has {budget / GB:.2f} GB "
+            f"({plan.describe()})"
+        )
+    return plan
+
+
+def make_plan(
+    prob: Problem, strategy: str, objective: str = "latency", algorithm: str = "exact"
+) -> Plan:
+    """One strategy's plan, or Infeasible with the numbers."""
+    from .latency import exact_latency, paper_algorithm1
+    from .throughput import exact_throughput, paper_algorithm2
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if objective not in OBJECTIVES or algorithm not in ALGORITHMS:
+        raise ValueError(f"objective in {OBJECTIVES}, algorithm in {ALGORITHMS}")
+    src, cloud, n = prob.source, prob.profile.cloud, prob.n_units
+    exact = exact_latency if objective == "latency" else exact_throughput
+    if strategy in ("cloud-edge-even", "cloud-edge-opt") and cloud is None:
+        raise Infeasible(f"{strategy}: the profile names no cloud device ('cloud' entry)")
+    if strategy == "edge-solo":
+        return _checked(Plan(tuple(even_plan(n, [src]).stages), strategy, objective), prob)
+    if strategy == "cloud-edge-even":
+        return _checked(even_plan(n, [src, cloud], strategy, objective), prob)
+    if strategy == "cloud-edge-opt":
+        return exact(prob, [src, cloud], strategy)
+    if algorithm == "paper":
+        plan = (
+            paper_algorithm1(prob, strategy)
+            if objective == "latency"
+            else paper_algorithm2(prob, strategy)
+        )
+    else:
+        plan = exact(prob, None, strategy)
+    if strategy == "edgeshard":
+        return plan
+    chosen = [st.rank for st in plan.stages]
+    if len(chosen) > n - 2:
+        raise Infeasible(
+            f"{strategy}: EdgeShard uses {len(chosen)} devices, more than the "
+            f"{n - 2} layers an even split can share"
+        )
+    return _checked(even_plan(n, chosen, strategy, objective), prob)
+
+
+def plan_all(
+    prob: Problem, objective: str = "latency", algorithm: str = "exact"
+) -> dict[str, Plan | Infeasible]:
+    out: dict[str, Plan | Infeasible] = {}
+    for s in STRATEGIES:
+        try:
+            out[s] = make_plan(prob, s, objective, algorithm)
+        except Infeasible as e:
+            out[s] = e
+    return out

@@ -1,0 +1,341 @@
+"""Profiling: measure every unit on every device and every link, gather a Profile on rank 0.
+
+Units: each rank times each planning unit alone (its own Stage), for prefill (batch b,
+prompt_tokens tokens) and for one decode step with the KV cache at mid-generation, after
+warm-up, taking the median of repeats. A rank loads a group of units that fits its memory
+budget, times them, frees them, and loads the next (the paper's dynamic loading), so a
+device can profile a model it could never hold. Ranks on one host take turns so they do
+not slow each other down. Decoder layers share one shape, so their true cost is one number
+per device: the per-layer medians are replaced by their median (the spread is noise), which
+also lets the planner use its exact fast path.
+
+Links: in round-robin rounds (O(M) rounds, disjoint pairs in parallel), each ordered pair
+times a small message and a large one, each answered by a 1-byte ack; latency = small time
+/ 2, bandwidth = (large - small bytes) / (large - small time). The large size grows until a
+transfer takes >= 20 ms, so slow and fast links are both measured in reasonable time.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import Stage, first_position, position_ids
+from .planner.problem import TOKEN_BYTES, Profile
+from .presets import DTYPE_BYTES, ModelSpec
+from .weights import CheckpointError
+
+SMALL_BYTES = 8
+LARGE_START, LARGE_MAX = 64 * 1024, 32 * 1024 * 1024
+LARGE_MIN_S = 0.02
+
+
+def _groups(spec: ModelSpec, units: list[int], dtype: str, budget: float) -> list[list[int]]:
+    """Consecutive units whose weights fit in half the budget (the rest for activations,
+    the KV cache and the runtime); a unit that alone is too big gets a group of its own
+    (and will be marked as not runnable on this device)."""
+    groups, cur, size = [], [], 0.0
+    for u in units:
+        w = spec.unit_weight_bytes(u, dtype)
+        if cur and size + w > budget / 2:
+            groups.append(cur)
+            cur, size = [], 0.0
+        cur.append(u)
+        size += w
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), or 64 MiB when it cannot be read."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            best = max(best, int(text[:-1]) * {"K": 2**10, "M": 2**20}.get(text[-1], 1))
+        except (OSError, ValueError):
+            continue
+    return best or 64 * 2**20
+
+
+class CacheFlusher:
+    """Evicts the CPU caches by writing a buffer twice the last-level cache. A unit timed
+    over and over keeps its weights hot in cache, but in a real run other stages evict
+    them between visits; timing after a flush measures the run's (cold) cost."""
+
+    def __init__(self, enabled: bool):
+        self.buf = torch.empty(2 * llc_bytes() // 4, dtype=torch.float32) if enabled else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.add_(1.0)
+
+
+def _median_time(fn, warmup: int, repeats: int, flush) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        flush()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _time_unit(
+    stage: Stage, batch: int, prompt: int, context: int, warmup: int, repeats: int, device, flush
+) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one unit."""
+    spec, u = stage.spec, stage.start
+    if u == 0:
+        pre_in = torch.randint(3, spec.vocab_size, (batch, prompt), device=device)
+        dec_in = pre_in[:, :1]
+    else:
+        pre_in = torch.randn(batch, prompt, spec.hidden_size, dtype=stage.dtype, device=device)
+        dec_in = pre_in[:, :1].contiguous()
+    cache = stage.new_cache(batch, context)
+    pos_pre = position_ids(batch, prompt, 0).to(device)
+
+    def prefill():
+        if cache is not None:
+            cache.reset()
+        stage(pre_in, cache, pos_pre, 0)
+        _sync(device)
+
+    t_pre = _median_time(prefill, warmup, repeats, flush)
+    # Decode at mid-generation: rewind the cache to the same length before every step,
+    # so each repeat sees the same context (and a warm mask) and only the layer is timed.
+    step = (context - prompt) // 2 + 1
+    mid = prompt + step - 1
+    pos_dec = position_ids(batch, prompt, step).to(device)
+    if cache is not None:
+        Stage.rewind(cache, mid)
+
+    def decode():
+        if cache is not None:
+            Stage.rewind(cache, mid)
+        stage(dec_in, cache, pos_dec, first_position(prompt, step))
+        _sync(device)
+
+    t_dec = _median_time(decode, warmup, repeats, flush)
+    return t_pre, t_dec
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_units(
+    spec: ModelSpec,
+    source,
+    dtype: str,
+    device,
+    budget: float,
+    batch_sizes: list[int],
+    prompt: int,
+    context: int,
+    warmup: int,
+    repeats: int,
+    sample_layers: int = 0,
+    log=None,
+    cold: bool = True,
+) -> tuple[np.ndarray, ...]:
+    """[len(batch_sizes), N] prefill and decode seconds on this rank; inf where a unit
+    does not fit. `sample_layers` > 0 times only that many decoder layers (evenly spread)
+    and gives every layer their median. `cold`: flush CPU caches before each timing."""
+    flush = CacheFlusher(cold and getattr(device, "type", "cpu") == "cpu")
+    n = spec.n_units
+    pre = np.full((len(batch_sizes), n), np.inf)
+    dec = np.full((len(batch_sizes), n), np.inf)
+    layer_units = list(range(1, n - 1))
+    if sample_layers and sample_layers < len(layer_units):
+        pick = np.linspace(0, len(layer_units) - 1, sample_layers).round().astype(int)
+        layer_units = sorted({layer_units[i] for i in pick})
+    units = [0, *layer_units, n - 1]
+    for group in _groups(spec, units, dtype, budget):
+        stages = {}
+        for u in group:
+            if spec.unit_weight_bytes(u, dtype) > budget / 2:
+                continue  # cannot hold it: stays inf
+            st = Stage(spec, u, u + 1, dtype, device)
+            st.load(source)
+            stages[u] = st
+        for u, st in stages.items():
+            for bi, b in enumerate(batch_sizes):
+                pre[bi, u], dec[bi, u] = _time_unit(
+                    st, b, prompt, context, warmup, repeats, device, flush
+                )
+        if log is not None:
+            log(f"units {group[0]}..{group[-1]} timed")
+        del stages
+    layers = slice(1, n - 1)
+    for arr in (pre, dec):
+        timed = arr[:, layers]
+        med = np.array(
+            [
+                np.median(row[np.isfinite(row)]) if np.isfinite(row).any() else np.inf
+                for row in timed
+            ]
+        )
+        arr[:, layers] = med[:, None]  # alike layers: one cost (the spread is noise)
+    return pre, dec
+
+
+# -- links --------------------------------------------------------------------------------
+
+
+def _rounds(m: int) -> list[list[tuple[int, int]]]:
+    """Round-robin tournament (circle method): every pair once, in m - 1 (or m) rounds."""
+    ids = list(range(m)) + ([-1] if m % 2 else [])
+    k = len(ids)
+    out = []
+    for _ in range(k - 1):
+        pairs = [(ids[i], ids[k - 1 - i]) for i in range(k // 2)]
+        out.append([(min(a, b), max(a, b)) for a, b in pairs if a >= 0 and b >= 0])
+        ids = [ids[0], ids[-1], *ids[1:-1]]
+    return out
+
+
+def _one_way(tp, peer: int, size: int, repeats: int, sender: bool) -> float:
+    """Median seconds for `size` bytes to reach the peer and a 1-byte ack to come back."""
+    payload = np.zeros(size, dtype=np.uint8)
+    ack = np.zeros(1, dtype=np.uint8)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if sender:
+            t0 = time.perf_counter()
+            tp.sleep_wait(tp.comm.Isend(payload, dest=peer, tag=7))
+            tp.sleep_wait(tp.comm.Irecv(ack, source=peer, tag=8))
+            times.append(time.perf_counter() - t0)
+        else:
+            tp.sleep_wait(tp.comm.Irecv(payload, source=peer, tag=7))
+            tp.sleep_wait(tp.comm.Isend(ack, dest=peer, tag=8))
+    return float(np.median(times[1:])) if sender else 0.0
+
+
+def _direction(tp, peer: int, repeats: int, sender: bool) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) from this rank to `peer` when `sender`."""
+    small = _one_way(tp, peer, SMALL_BYTES, repeats, sender)
+    size = LARGE_START
+    while True:
+        large = _one_way(tp, peer, size, repeats, sender)
+        grow = np.zeros(1, dtype=np.int8)
+        if sender:
+            grow[0] = 1 if large < LARGE_MIN_S and size < LARGE_MAX else 0
+            tp.sleep_wait(tp.comm.Isend(grow, dest=peer, tag=9))
+        else:
+            tp.sleep_wait(tp.comm.Irecv(grow, source=peer, tag=9))
+        if not grow[0]:
+            break
+        size *= 4
+    if not sender:
+        return 0.0, 0.0
+    extra = max(large - small, 1e-9)
+    return small / 2, (size - SMALL_BYTES) / extra
+
+
+def measure_links(tp, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair's latency and bandwidth, gathered on every rank."""
+    m, me = tp.size, tp.rank
+    lat = np.zeros(m)
+    bw = np.full(m, np.inf)
+    for pairs in _rounds(m):
+        tp.quiet_barrier()
+        for a, b in pairs:
+            if me not in (a, b):
+                continue
+            peer = b if me == a else a
+            for src in (a, b):  # a -> b, then b -> a
+                got = _direction(tp, peer, repeats, sender=me == src)
+                if me == src:
+                    lat[peer], bw[peer] = got
+    rows = tp.allgather((lat, bw))
+    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+
+# -- the whole cluster ---------------------------------------------------------------------
+
+
+def profile_cluster(
+    tp,
+    spec: ModelSpec,
+    source,
+    dtype: str,
+    device,
+    devices,
+    batch_sizes,
+    prompt: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    sample_layers: int,
+    link_repeats: int,
+    cloud: int | None,
+    log,
+    cold: bool = True,
+) -> Profile:
+    """Every rank measures; the Profile is returned on every rank."""
+    me = devices[tp.rank]
+    # A stable hash: Python's hash() of a string differs from process to process.
+    host_comm = tp.comm.Split(color=zlib.crc32(me.host.encode()) & 0x7FFFFFFF, key=tp.rank)
+    t0 = time.perf_counter()
+    result = None
+    for turn in range(host_comm.Get_size()):  # ranks of one host take turns
+        if host_comm.Get_rank() == turn:
+            try:
+                result = measure_units(
+                    spec,
+                    source,
+                    dtype,
+                    device,
+                    me.memory_budget,
+                    list(batch_sizes),
+                    prompt,
+                    prompt + new_tokens,
+                    warmup,
+                    repeats,
+                    sample_layers,
+                    cold=cold,
+                )
+            except CheckpointError as e:  # every rank must still reach the barriers
+                result = f"[rank {tp.rank}] {e}"
+        req = host_comm.Ibarrier()
+        tp.sleep_wait(req)
+    host_comm.Free()
+    times = tp.allgather(result)
+    failed = [t for t in times if isinstance(t, str)]
+    if failed:
+        raise CheckpointError("; ".join(failed))
+    log(f"profiled {spec.n_units} units on {tp.size} ranks in {time.perf_counter() - t0:.1f} s")
+    t1 = time.perf_counter()
+    lat, bw = measure_links(tp, link_repeats)
+    log(f"measured {tp.size * (tp.size - 1)} links in {time.perf_counter() - t1:.1f} s")
+    n = spec.n_units
+    act = np.array([spec.hidden_size * DTYPE_BYTES[dtype]] * (n - 1) + [TOKEN_BYTES], float)
+    return Profile(
+        model=spec,
+        dtype=dtype,
+        prompt_tokens=prompt,
+        new_tokens=new_tokens,
+        batch_sizes=tuple(batch_sizes),
+        names=tuple(d.name for d in devices),
+        memory_budget=np.array([d.memory_budget for d in devices], dtype=float),
+        prefill_s=np.stack([t[0] for t in times], axis=1),
+        decode_s=np.stack([t[1] for t in times], axis=1),
+        weight_bytes=np.array([spec.unit_weight_bytes(u, dtype) for u in range(n)], float),
+        kv_bytes_per_token=np.array([spec.unit_kv_bytes(u, 1, 1, dtype) for u in range(n)], float),
+        activation_bytes_per_token=act,
+        latency_s=lat,
+        bandwidth=bw,
+        source=0,
+        cloud=cloud,
+        notes="measured by edgeshard-mpi",
+        meta={"hosts": [d.host for d in devices], "threads": [d.threads for d in devices]},
+    )
