@@ -15,7 +15,7 @@ MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
 # Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
 export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: install demo test lint bench-overhead clean
+.PHONY: install demo test lint bench-overhead bench-planner clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ lint: install
 bench-overhead: install
 	$(BIN)/python -m edgeshard_mpi.bench.overhead --model tiny --out results/bench-overhead-tiny
 	$(BIN)/python -m edgeshard_mpi.bench.overhead --model small --out results/bench-overhead-small
+
+bench-planner: install
+	$(BIN)/python -m edgeshard_mpi.bench.planner --out results/bench-planner
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache

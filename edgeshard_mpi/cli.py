@@ -73,6 +73,35 @@ def plan(
 
 
 @app.command()
+def schedule(
+    stages: Annotated[int, typer.Option(help="stages in the chain")] = 3,
+    micro_batches: Annotated[int, typer.Option(help="micro-batches in flight")] = 3,
+    steps: Annotated[int, typer.Option(help="token steps (1 prefill + decodes)")] = 3,
+    groups: Annotated[int, typer.Option(help="micro-batches in the workload (0: one round)")] = 0,
+    order: Annotated[str, typer.Option(help="no-bubbles | bubbles")] = "no-bubbles",
+    prefill: Annotated[float, typer.Option(help="prefill cost, in decode steps")] = 1.0,
+    hop: Annotated[float, typer.Option(help="cost of a message, in decode steps")] = 0.0,
+) -> None:
+    """Print a pipeline schedule as a time x rank chart (unit decode cost per stage)."""
+    from . import schedule as sch
+
+    if order not in sch.ORDERS or min(stages, micro_batches, steps) < 1:
+        typer.echo(f"error: order in {sch.ORDERS}; stages, micro-batches, steps >= 1", err=True)
+        raise typer.Exit(2)
+    shape = sch.Shape(groups or micro_batches, micro_batches, steps)
+    typer.echo(
+        sch.grid(
+            list(range(stages)),
+            shape,
+            order,
+            lambda stage, step: prefill if step == 0 else 1.0,
+            lambda src, dst, stage, step: hop,
+            tick=min(1.0, prefill),
+        )
+    )
+
+
+@app.command()
 def presets() -> None:
     """List the built-in model presets and their sizes."""
     from .presets import PRESETS

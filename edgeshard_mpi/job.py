@@ -25,6 +25,8 @@ STRATEGIES_PLANNED = (
     "cloud-edge-opt",
 )
 PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
+ORDERS = ("no-bubbles", "bubbles")
+AUTO_BATCH_SIZES = (1, 2, 4, 8, 16)
 
 
 class JobError(ValueError):
@@ -205,6 +207,28 @@ class ProfileCfg:
     link_repeats: int = 3
     cold_cache: bool = True
     """Flush CPU caches before each timing (a stage's weights are cold in a real run)."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes to time units at; default: the micro-batch size, or, when the planner
+    chooses it (pipeline.micro_batch_size = "auto"), 1, 2, 4, 8, 16 up to the prompts."""
+
+
+@dataclass(frozen=True)
+class PipelineCfg:
+    mode: str = "sequential"
+    """sequential (one micro-batch walks the chain at a time) or pipeline (several in
+    flight, the paper's pipeline-parallel inference)."""
+    order: str = "no-bubbles"
+    """no-bubbles (a micro-batch starts its next step as soon as its token is back) or
+    bubbles (every step waits for all micro-batches), the paper's Fig. 5."""
+    micro_batches: int | None = None
+    """Micro-batches in flight; None ("auto"): the planner's choice (pipeline mode)."""
+    micro_batch_size: int | None = None
+    """Sequences per micro-batch; None ("auto"): the planner's choice. Default: the
+    workload's batch_size."""
+
+    @property
+    def pipelined(self) -> bool:
+        return self.mode == "pipeline"
 
 
 @dataclass(frozen=True)
@@ -253,6 +277,14 @@ class Job:
     output: OutputCfg = field(default_factory=OutputCfg)
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    pipeline: PipelineCfg = field(default_factory=PipelineCfg)
+
+    def profile_batch_sizes(self) -> tuple[int, ...]:
+        if self.profile.batch_sizes:
+            return self.profile.batch_sizes
+        if self.pipeline.pipelined and self.pipeline.micro_batch_size is None:
+            return tuple(b for b in AUTO_BATCH_SIZES if self.workload.prompts % b == 0)
+        return (self.workload.batch_size,)
 
     def check_context(self, world_size: int, spec: ModelSpec) -> None:
         """Checks that need the MPI world and the model shape."""
@@ -378,11 +410,14 @@ def _workload(sec: _Section, base: Path) -> WorkloadCfg:
     return wl
 
 
-def _partition(sec: _Section) -> PartitionCfg:
+def _partition(sec: _Section, pipelined: bool) -> PartitionCfg:
     strategy = sec.choice("strategy", STRATEGIES_FIXED + STRATEGIES_PLANNED, "even")
     stages_raw = sec.get("stages", list, [])
     ranks = sec.get("ranks", list, None)
-    objective = sec.choice("objective", ("latency", "throughput"), "latency")
+    # Pipelined inference is judged by throughput, sequential by latency (the paper's pair).
+    objective = sec.choice(
+        "objective", ("latency", "throughput"), "throughput" if pipelined else "latency"
+    )
     algorithm = sec.choice("algorithm", ("exact", "paper"), "exact")
     sec.finish()
     stages = []
@@ -444,8 +479,13 @@ def _profile(sec: _Section, base: Path) -> ProfileCfg:
         sample_layers=sec.positive("sample_layers", 0, zero_ok=True),
         link_repeats=sec.positive("link_repeats", 3),
         cold_cache=sec.get("cold_cache", bool, True),
+        batch_sizes=tuple(sec.get("batch_sizes", list, [])),
     )
     sec.finish()
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in cfg.batch_sizes):
+        raise JobError(f"profile.batch_sizes: a list of integers >= 1, got {list(cfg.batch_sizes)}")
+    if list(cfg.batch_sizes) != sorted(set(cfg.batch_sizes)):
+        raise JobError("profile.batch_sizes: list each size once, in increasing order")
     if cfg.reuse is not None and not cfg.reuse.is_file():
         raise JobError(
             f"profile.reuse: no file at {cfg.reuse}; run `edgeshard-mpi profile` or "
@@ -469,6 +509,47 @@ def _cluster(sec: _Section) -> ClusterCfg:
         mem = parse_bytes(d["memory"], f"{where}.memory") if "memory" in d else None
         devices.append(DeviceCfg(d["rank"], d.get("name"), mem))
     return ClusterCfg(cloud=cloud, devices=tuple(devices))
+
+
+def _auto_int(sec: _Section, key: str) -> int | None:
+    value = sec.get(key, (int, str), "auto")
+    if value == "auto":
+        return None
+    if isinstance(value, str) or value < 1:
+        raise JobError(f'pipeline.{key}: an integer >= 1 or "auto", got {value!r}')
+    return value
+
+
+def _pipeline(sec: _Section, wl: WorkloadCfg) -> PipelineCfg:
+    mode = sec.choice("mode", ("sequential", "pipeline"), "sequential")
+    order = sec.choice("order", ORDERS, "no-bubbles")
+    given_size = "micro_batch_size" in sec.data
+    cfg = PipelineCfg(
+        mode=mode,
+        order=order,
+        micro_batches=_auto_int(sec, "micro_batches"),
+        micro_batch_size=_auto_int(sec, "micro_batch_size") if given_size else wl.batch_size,
+    )
+    sec.finish()
+    if mode == "sequential" and (cfg.micro_batches or 1) > 1:
+        raise JobError(
+            "pipeline.micro_batches > 1 needs pipeline.mode = 'pipeline' (sequential "
+            "inference has one micro-batch in flight)"
+        )
+    if mode == "sequential" and given_size:
+        raise JobError(
+            "pipeline.micro_batch_size is read in pipeline mode; in sequential mode set "
+            "workload.batch_size"
+        )
+    size = cfg.micro_batch_size
+    if size is not None and wl.prompts % size:
+        raise JobError(
+            f"pipeline.micro_batch_size ({size}) must divide workload.prompts "
+            f"({wl.prompts}); every micro-batch has the same shape"
+        )
+    if mode == "sequential":
+        cfg = PipelineCfg(mode, order, 1, wl.batch_size)
+    return cfg
 
 
 def _runtime(sec: _Section) -> RuntimeCfg:
@@ -502,19 +583,32 @@ def parse_job(text: str, path: Path) -> Job:
     name = top.get("name", str, path.stem)
     sections = {
         k: top.get(k, dict, {})
-        for k in ("model", "workload", "partition", "runtime", "output", "profile", "cluster")
+        for k in (
+            "model",
+            "workload",
+            "partition",
+            "runtime",
+            "output",
+            "profile",
+            "cluster",
+            "pipeline",
+        )
     }
     top.finish()
     if "model" not in data:
         raise JobError('[model] is missing; add e.g. [model] source = "tiny"')
     base = path.resolve().parent
+    workload = _workload(_Section(sections["workload"], "workload"), base)
+    pipeline = _pipeline(_Section(sections["pipeline"], "pipeline"), workload)
+    partition = _partition(_Section(sections["partition"], "partition"), pipeline.pipelined)
     return Job(
         name=name,
         path=path,
         text=text,
         model=_model(_Section(sections["model"], "model")),
-        workload=_workload(_Section(sections["workload"], "workload"), base),
-        partition=_partition(_Section(sections["partition"], "partition")),
+        workload=workload,
+        partition=partition,
+        pipeline=pipeline,
         runtime=_runtime(_Section(sections["runtime"], "runtime")),
         output=_output(_Section(sections["output"], "output")),
         profile=_profile(_Section(sections["profile"], "profile"), base),

@@ -187,6 +187,20 @@ def _write_groups(f: h5py.File, run: dict) -> None:
     for k, v in run["summary"].items():
         summary.attrs[k] = v
 
+    pipe, p = run["pipeline"], f.create_group("pipeline")
+    for k in ("order", "micro_batches", "micro_batch_size", "tokens_per_s"):
+        p.attrs[k] = pipe[k]
+    _dataset(p, "busy_fraction", pipe["busy_fraction"], "1", "per stage: compute / wall time")
+    _dataset(p, "idle_s", pipe["idle_s"], "s", "per stage: wall time - compute (bubbles, waits)")
+    if "predicted" in pipe:
+        pred = pipe["predicted"]
+        p.attrs["predicted_tokens_per_s"] = pred["tokens_per_s"]
+        p.attrs["measured_over_predicted"] = pipe["measured_over_predicted"]
+        _dataset(p, "predicted_busy_fraction", pred["busy_fraction"], "1", "simulated")
+        _dataset(p, "predicted_idle_s", pred["idle_s"], "s", "simulated")
+    if pipe["candidates"]:
+        p.attrs["candidates"] = json.dumps(pipe["candidates"])
+
 
 def _write_profile(f: h5py.File, prof) -> None:
     """The profile the plan was made from: arrays as datasets, the whole file as JSON."""
@@ -241,10 +255,12 @@ def build_record(
     profile,
     predicted,
     alternatives,
+    decision,
 ) -> dict:
     """Everything rank 0 knows after a run, in the shape write_run expects."""
     from datetime import datetime
 
+    from .planner.pipeline import Prediction, pipeline_summary
     from .runtime import EVENT_DTYPE
 
     src = results[0]
@@ -274,8 +290,10 @@ def build_record(
             "job_text": job.text,
             "model": spec.to_dict(),
             "dtype": job.model.dtype,
-            "mode": "sequential" if shape.slots == 1 else "pipeline",
+            "mode": job.pipeline.mode,
+            "order": decision.order,
             "micro_batches": shape.slots,
+            "micro_batch_size": decision.micro_batch_size,
             "profile_strategy": job.profile.strategy,
         },
         "plan": {**plan.to_dict(), "description": plan.describe()},
@@ -290,7 +308,7 @@ def build_record(
                 "prompt_note": prompts.note,
                 "prompt_tokens": wl.prompt_tokens,
                 "new_tokens": wl.new_tokens,
-                "batch_size": wl.batch_size,
+                "batch_size": decision.micro_batch_size,
                 "stop_at_eos": wl.stop_at_eos,
             },
             "prompt_ids": prompts.ids,
@@ -320,6 +338,20 @@ def build_record(
         "stages": {"compute_s": stage_compute},
         "events": events,
         "summary": summary,
+        "pipeline": pipeline_summary(
+            stage_compute,
+            summary["wall_s"],
+            summary["generated_tokens"],
+            Prediction(**pred)
+            if (pred := (decision.pipeline or {}).get("prediction"))
+            else None,
+        )
+        | {
+            "order": decision.order,
+            "micro_batches": shape.slots,
+            "micro_batch_size": decision.micro_batch_size,
+            "candidates": (decision.pipeline or {}).get("candidates", []),
+        },
     }
 
 

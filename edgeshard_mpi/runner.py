@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
     from .weights import CheckpointError
 
     cfg, wl = job.profile, job.workload
-    if cfg.reuse is None and not job.partition.planned:
+    if cfg.reuse is None and not needs_profile(job):
         return None
     prof, err = None, None
     if cfg.reuse is not None:
@@ -177,6 +178,13 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
     return prof
 
 
+def needs_profile(job: Job) -> bool:
+    """A planned strategy, or a pipeline whose micro-batches the planner chooses."""
+    pc = job.pipeline
+    auto = pc.pipelined and (pc.micro_batches is None or pc.micro_batch_size is None)
+    return job.partition.planned or auto
+
+
 def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
     from .profile import profile_cluster
     from .weights import weight_source
@@ -188,7 +196,7 @@ def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
         job.model.dtype,
         device,
         devices,
-        [wl.batch_size],
+        job.profile_batch_sizes(),
         wl.prompt_tokens,
         wl.new_tokens,
         cfg.warmup,
@@ -219,36 +227,62 @@ def _check_profile(prof, spec, job: Job, world: int) -> None:
         raise ProfileError(f"it describes {prof.n_devices} devices, the job runs {world} ranks")
     if prof.dtype != job.model.dtype:
         raise ProfileError(f"it was measured in {prof.dtype}, the job runs {job.model.dtype}")
-    prof.times(job.workload.batch_size)  # raises if the batch size cannot be served
+    size = job.pipeline.micro_batch_size
+    if size is not None:
+        prof.times(size)  # raises if the batch size cannot be served
+    elif not any(job.workload.prompts % b == 0 for b in prof.batch_sizes):
+        raise ProfileError(
+            f"none of its batch sizes {list(prof.batch_sizes)} divides workload.prompts "
+            f"({job.workload.prompts}); profile other sizes or set pipeline.micro_batch_size"
+        )
 
 
 def _plan(job: Job, spec, devices, prof, tp, log: Log):
-    """Step 4 (plan): rank 0 decides (and predicts), every rank receives the plan."""
-    from .planner.baselines import make_plan, plan_all
+    """Step 4 (plan): rank 0 decides the plan (and, pipelined, the micro-batch size and how
+    many are in flight) and predicts; every rank receives the decision."""
+    from .planner import baselines
     from .planner.cost import evaluate
+    from .planner.pipeline import choose, predict
     from .planner.plan import Plan, Stage, even_plan
     from .planner.problem import Infeasible, PlannerLimit, make_problem
 
-    part = job.partition
+    part, pc, wl = job.partition, job.pipeline, job.workload
     result, err = None, None
     if tp.rank == 0:
         try:
-            prob = (
-                None
-                if prof is None
-                else make_problem(prof, job.workload.batch_size, job.profile.strategy)
-            )
+            fixed = None
             if part.strategy == "explicit":
-                plan = Plan(tuple(Stage(s.rank, s.start, s.end) for s in part.stages))
+                fixed = Plan(tuple(Stage(s.rank, s.start, s.end) for s in part.stages))
             elif part.strategy == "even":
-                plan = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
+                fixed = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
+
+            def make(prob):
+                if fixed is None:
+                    return baselines.make_plan(prob, part.strategy, part.objective, part.algorithm)
+                return baselines.check_fits(fixed, prob)
+
+            pipe = None
+            b, slots = pc.micro_batch_size, pc.micro_batches
+            if prof is None:  # a fixed plan and fixed sizes: nothing to predict from
+                plan, prob = fixed, None
+            elif pc.pipelined:
+                sizes = (b,) if b else tuple(x for x in prof.batch_sizes if wl.prompts % x == 0)
+                tries = (slots,) if slots else SLOT_CANDIDATES
+                choice = choose(
+                    prof, wl.prompts, make, sizes, tries, pc.order, job.profile.strategy
+                )
+                plan, prob = choice.plan, choice.problem
+                b, slots = choice.micro_batch_size, choice.micro_batches
+                full = predict(plan, prob, wl.prompts // b, slots, pc.order)
+                pipe = {"prediction": full.to_dict(), "candidates": choice.candidates}
             else:
-                plan = make_plan(prob, part.strategy, part.objective, part.algorithm)
-            _check_memory(plan, spec, job, devices)
+                prob = make_problem(prof, b, job.profile.strategy)
+                plan = make(prob)
+            _check_memory(plan, spec, job, devices, b, slots or 1)
             predicted = evaluate(plan, prob).to_dict() if prob is not None else None
             others = {}
             if prob is not None and part.planned:
-                for name, alt in plan_all(prob, part.objective, part.algorithm).items():
+                for name, alt in baselines.plan_all(prob, part.objective, part.algorithm).items():
                     others[name] = (
                         {"error": str(alt)}
                         if isinstance(alt, Infeasible)
@@ -258,21 +292,38 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
                             "predicted": evaluate(alt, prob).to_dict(),
                         }
                     )
-            result = (plan, predicted, others)
+            if pc.pipelined and slots is None:
+                slots = len(plan.stages)  # enough to keep every stage busy
+            result = (plan, predicted, others, Decision(b, slots or 1, pc.order, pipe))
         except (Infeasible, PlannerLimit, UserError) as e:
             err = str(e)
     _agree(tp, err)
     return tp.bcast(result)
 
 
-def _check_memory(plan, spec, job: Job, devices) -> None:
+@dataclass(frozen=True)
+class Decision:
+    """How the workload is cut: sequences per micro-batch, micro-batches in flight."""
+
+    micro_batch_size: int
+    micro_batches: int
+    order: str
+    pipeline: dict | None = None
+    """Pipelined runs: the simulator's prediction and every candidate the planner tried."""
+
+
+# Micro-batches in flight the planner tries when the job leaves it to it.
+SLOT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _check_memory(plan, spec, job: Job, devices, batch: int, slots: int) -> None:
     """A plan whose shard exceeds a rank's budget fails now, with the numbers, instead of
     being killed by the OS half-way through."""
     wl, dt = job.workload, job.model.dtype
     need: dict[int, float] = {}
     for st in plan.stages:
         need[st.rank] = need.get(st.rank, 0.0) + sum(
-            spec.unit_weight_bytes(u, dt) + spec.unit_kv_bytes(u, wl.batch_size, wl.context, dt)
+            spec.unit_weight_bytes(u, dt) + slots * spec.unit_kv_bytes(u, batch, wl.context, dt)
             for u in range(st.start, st.end)
         )
     for rank, bytes_ in need.items():
@@ -311,14 +362,15 @@ def _load(job: Job, spec, plan, device, tp):
     return stages, time.perf_counter() - t0
 
 
-def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log):
-    """Step 6 (infer): sequential inference, one micro-batch walking the chain."""
+def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Decision):
+    """Step 6 (infer): micro-batches of prompts walk the chain, one at a time (sequential)
+    or several in flight (pipeline)."""
     from . import schedule as sch
     from .runtime import Runtime, Workload
 
     wl = job.workload
-    b, groups = wl.batch_size, wl.prompts // wl.batch_size
-    shape = sch.Shape(groups=groups, slots=1, steps=wl.new_tokens)
+    b, groups = dec.micro_batch_size, wl.prompts // dec.micro_batch_size
+    shape = sch.Shape(groups=groups, slots=dec.micro_batches, steps=wl.new_tokens)
     feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
     eos = spec.eos_token_id if wl.eos_token_id is None else wl.eos_token_id
     runtime = Runtime(
@@ -326,7 +378,7 @@ def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log):
         [st.rank for st in plan.stages],
         stages,
         shape,
-        "no-bubbles",
+        dec.order,
         Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
         device,
         record_events=job.output.events,
@@ -370,15 +422,22 @@ def run_job(job_path: str) -> int:
             log.info(f"note: {prompts.note}")
         devices, device = _devices(job, tp)
         prof = _profile(job, spec, devices, device, tp, log, out)
-        plan, predicted, others = _plan(job, spec, devices, prof, tp, log)
+        plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
         log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
-        if predicted is not None:
+        if job.pipeline.pipelined:
+            pred = (dec.pipeline or {}).get("prediction")
+            log.info(
+                f"pipeline: {dec.micro_batches} micro-batch(es) of {dec.micro_batch_size} in "
+                f"flight, {dec.order} order"
+                + (f"; predicted {pred['tokens_per_s']:.1f} tokens/s" if pred else "")
+            )
+        elif predicted is not None:
             log.info(
                 f"predicted: {predicted['per_token_s'] * 1e3:.2f} ms/token, "
                 f"{predicted['tokens_per_s']:.1f} tokens/s"
             )
         stages, load_s = _load(job, spec, plan, device, tp)
-        res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log)
+        res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log, dec)
         res.load_s = load_s
     except UserError as e:
         for line in str(e).splitlines():
@@ -401,14 +460,34 @@ def run_job(job_path: str) -> int:
     src = results[0]
     summary = summarize(src.tokens, src.token_time, src.group_start)
     record = build_record(
-        job, spec, plan, devices, prompts, results, summary, hosts, shape, prof, predicted, others
+        job,
+        spec,
+        plan,
+        devices,
+        prompts,
+        results,
+        summary,
+        hosts,
+        shape,
+        prof,
+        predicted,
+        others,
+        dec,
     )
     write_run(out, record)
     log.info(
-        f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, batch "
-        f"{job.workload.batch_size}: latency {summary['latency_ms_per_token']:.2f} ms/token, "
-        f"TTFT {summary['ttft_ms']:.1f} ms, {summary['tokens_per_s']:.1f} tokens/s"
+        f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
+        f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "
+        f"{summary['latency_ms_per_token']:.2f} ms/token, TTFT {summary['ttft_ms']:.1f} ms, "
+        f"{summary['tokens_per_s']:.1f} tokens/s"
     )
+    pipe = record.get("pipeline")
+    if pipe and "measured_over_predicted" in pipe:
+        log.info(
+            f"pipeline: measured {pipe['tokens_per_s']:.1f} tokens/s = "
+            f"{pipe['measured_over_predicted']:.0%} of predicted; stage busy "
+            + ", ".join(f"{x:.0%}" for x in pipe["busy_fraction"])
+        )
     log.info(f"wrote {out}")
     return 0
 

@@ -200,3 +200,46 @@ def simulate(
             stuck = {r: str(acts[pc[r]]) for r, acts in actions.items() if pc[r] < len(acts)}
             raise Deadlock(f"no rank can move; waiting: {stuck}")
     return SimResult(max(clock.values()), busy, token_time, start)
+
+
+def grid(
+    stage_ranks,
+    shape: Shape,
+    order: str,
+    compute_s=None,
+    hop_s=None,
+    tick: float | None = None,
+    width: int = 120,
+) -> str:
+    """A time x rank chart of the schedule: each cell is one `tick` (default: the shortest
+    compute); Pj / Dj = prefill / decode of the micro-batch in slot j, '.' = idle.
+    Without costs every compute takes 1 and messages are free (the textbook picture)."""
+    compute_s = compute_s or (lambda stage, step: 1.0)
+    hop_s = hop_s or (lambda src, dst, stage, step: 0.0)
+    actions = build(stage_ranks, shape, order)
+    sim = simulate(stage_ranks, shape, order, compute_s, hop_s, actions)
+    if tick is None:
+        tick = min(compute_s(s, k) for s in range(len(stage_ranks)) for k in (0, 1)) or 1.0
+    cols = min(width, int(round(sim.makespan / tick)))
+    cell = 2 + len(str(shape.slots - 1))
+    lines = []
+    for rank in sorted(actions):
+        row = ["." * cell] * cols
+        for i, a in enumerate(actions[rank]):
+            if a.op != COMPUTE:
+                continue
+            _, step = shape.group_step(a.slot, a.it)
+            t0 = sim.start[(rank, i)]
+            c0 = int(round(t0 / tick))
+            c1 = max(c0 + 1, int(round((t0 + compute_s(a.stage, step)) / tick)))
+            label = f"{'P' if step == 0 else 'D'}{a.slot}".ljust(cell)
+            for c in range(c0, min(c1, cols)):
+                row[c] = label
+        lines.append(f"rank {rank:<3}|" + "".join(row))
+    idle = {r: sim.idle(r) for r in sorted(actions)}
+    lines.append(
+        f"makespan {sim.makespan / tick:g} ticks; idle per rank: "
+        + ", ".join(f"r{r} {v / tick:g}" for r, v in idle.items())
+        + ("" if cols * tick >= sim.makespan else f" (chart cut at {cols} ticks)")
+    )
+    return "\n".join(lines)

@@ -162,13 +162,14 @@ def main(argv=None) -> None:
     print(f"{'model':<12}{'dev':>4}{'objective':>11}  {'solver':<20}{'time':>10}{'value':>12}")
     for r in rows:
         v = "infeasible" if r["value_s"] is None else f"{r['value_s'] * 1e3:.2f} ms"
-        t = "> deadline" if r["seconds"] is None else fmt_s(r["seconds"])
+        t = "> limit" if r["seconds"] is None else fmt_s(r["seconds"])
         if r["seconds"] is None:
             v = "-"
         print(
             f"{r['model']:<12}{r['devices']:>4}{r['objective']:>11}  {r['solver']:<20}"
             f"{t:>10}{v:>12}"
         )
+    print("> limit: Algorithm 2 passed --deadline, or the general DP its memory cap (2 GB)")
     print()
     print(f"{'devices':>8}{'Algorithm 2':>14}{'exact':>10}{'speed-up':>10}  same optimum")
     for r in scaling:

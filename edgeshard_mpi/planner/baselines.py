@@ -63,7 +63,8 @@ def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
     )
 
 
-def _checked(plan: Plan, prob: Problem) -> Plan:
+def check_fits(plan: Plan, prob: Problem) -> Plan:
+    """The plan, or Infeasible if a device cannot run its units or hold them."""
     ev = evaluate(plan, prob)
     if not np.isfinite(ev.latency_s):
         bad = [
@@ -102,9 +103,9 @@ def make_plan(
     if strategy in ("cloud-edge-even", "cloud-edge-opt") and cloud is None:
         raise Infeasible(f"{strategy}: the profile names no cloud device ('cloud' entry)")
     if strategy == "edge-solo":
-        return _checked(Plan(tuple(even_plan(n, [src]).stages), strategy, objective), prob)
+        return check_fits(Plan(tuple(even_plan(n, [src]).stages), strategy, objective), prob)
     if strategy == "cloud-edge-even":
-        return _checked(even_plan(n, [src, cloud], strategy, objective), prob)
+        return check_fits(even_plan(n, [src, cloud], strategy, objective), prob)
     if strategy == "cloud-edge-opt":
         return exact(prob, [src, cloud], strategy)
     if algorithm == "paper":
@@ -123,7 +124,7 @@ def make_plan(
             f"{strategy}: EdgeShard uses {len(chosen)} devices, more than the "
             f"{n - 2} layers an even split can share"
         )
-    return _checked(even_plan(n, chosen, strategy, objective), prob)
+    return check_fits(even_plan(n, chosen, strategy, objective), prob)
 
 
 def plan_all(

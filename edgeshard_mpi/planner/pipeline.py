@@ -1,0 +1,217 @@
+"""Pipelined inference: predict a schedule's throughput from profile costs, and choose the
+plan, micro-batch size and micro-batches in flight together (pure: numpy, no torch or MPI).
+
+The paper plans for one batch size and leaves batch-size-aware planning as future work.
+Here memory counts the KV cache of every micro-batch in flight (Problem.slots), so a plan
+that holds more micro-batches, or larger ones, is traded against one that computes faster.
+Each candidate (size b, in flight S) gets its own plan, and the schedule simulator (the
+same action lists the runtime walks) predicts its tokens/s; the best wins, ties going to
+the smaller memory footprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import schedule as sch
+from .plan import Plan
+from .problem import Infeasible, PlannerLimit, Problem, Profile, make_problem
+
+SIM_ACTION_LIMIT = 200_000  # beyond this a prediction simulates a few rounds and scales
+TIE = 0.01  # candidates within 1% of the best throughput count as tied
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens_per_s: float
+    makespan_s: float
+    busy_fraction: tuple[float, ...]
+    """Per stage: compute time / makespan."""
+    idle_s: tuple[float, ...]
+    """Per stage: makespan - compute (the bubbles, plus waiting on links)."""
+    simulated_groups: int
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens_per_s": float(self.tokens_per_s),
+            "makespan_s": float(self.makespan_s),
+            "busy_fraction": [float(x) for x in self.busy_fraction],
+            "idle_s": [float(x) for x in self.idle_s],
+            "simulated_groups": self.simulated_groups,
+        }
+
+
+def cost_functions(plan: Plan, prob: Problem):
+    """(compute_s(stage, step), hop_s(src, dst, stage, step)) for schedule.simulate, from
+    the profile at the problem's batch size. Step 0 is the prefill."""
+    stages = plan.stages
+    pre = [float(prob.prefill[s.rank, s.start : s.end].sum()) for s in stages]
+    dec = [float(prob.decode[s.rank, s.start : s.end].sum()) for s in stages]
+    lat, bw = prob.profile.latency_s, prob.profile.bandwidth
+    ret = prob.return_s()
+    last = len(stages) - 1
+
+    def compute_s(stage: int, step: int) -> float:
+        return pre[stage] if step == 0 else dec[stage]
+
+    def hop_s(src: int, dst: int, stage: int, step: int) -> float:
+        if stage == last:
+            return float(ret[src])
+        cut = stages[stage].end - 1
+        size = prob.act_prefill[cut] if step == 0 else prob.act_decode[cut]
+        return float(lat[src, dst] + size / bw[src, dst])
+
+    return compute_s, hop_s
+
+
+def predict(
+    plan: Plan, prob: Problem, groups: int, slots: int, order: str = "no-bubbles"
+) -> Prediction:
+    """Simulated throughput of `groups` micro-batches of prob.batch sequences, `slots` in
+    flight. A long workload is simulated for a few rounds of slots and scaled."""
+    steps = prob.profile.new_tokens
+    n_stages = len(plan.stages)
+    per_group = steps * (3 * n_stages + 1)
+    sim_groups = groups
+    if groups * per_group > SIM_ACTION_LIMIT:
+        rounds = max(2, SIM_ACTION_LIMIT // (per_group * slots))
+        sim_groups = min(groups, rounds * slots)
+    shape = sch.Shape(groups=sim_groups, slots=min(slots, sim_groups), steps=steps)
+    compute_s, hop_s = cost_functions(plan, prob)
+    ranks = [s.rank for s in plan.stages]
+    sim = sch.simulate(ranks, shape, order, compute_s, hop_s)
+    busy = [0.0] * n_stages
+    for s in range(n_stages):  # per stage, not per rank: a rank may hold two stages
+        busy[s] = sum(
+            compute_s(s, shape.group_step(j, it)[1])
+            for j in range(shape.active_slots)
+            for it in range(shape.iterations(j))
+        )
+    span = sim.makespan
+    return Prediction(
+        tokens_per_s=sim_groups * prob.batch * steps / span,
+        makespan_s=span * groups / sim_groups,
+        busy_fraction=tuple(b / span for b in busy),
+        idle_s=tuple((span - b) * groups / sim_groups for b in busy),
+        simulated_groups=sim_groups,
+    )
+
+
+def max_in_flight(plan: Plan, profile: Profile, batch: int) -> int:
+    """The most micro-batches of `batch` sequences the plan's devices can hold (weights
+    once, one KV cache per micro-batch in flight)."""
+    weights = profile.unit_memory(batch, 0)
+    kv = profile.unit_memory(batch, 1) - weights
+    best = None
+    for rank in plan.ranks:
+        units = [u for s in plan.stages if s.rank == rank for u in range(s.start, s.end)]
+        room = profile.memory_budget[rank] - weights[units].sum()
+        need = kv[units].sum()
+        if room < 0:
+            return 0
+        if need > 0:
+            k = int(room // need)
+            best = k if best is None else min(best, k)
+    return 10**6 if best is None else best
+
+
+@dataclass
+class Choice:
+    plan: Plan
+    micro_batch_size: int
+    micro_batches: int
+    prediction: Prediction
+    problem: Problem
+    candidates: list[dict] = field(default_factory=list)
+
+
+def choose(
+    profile: Profile,
+    prompts: int,
+    make_plan,
+    sizes: tuple[int, ...],
+    slots: tuple[int, ...],
+    order: str = "no-bubbles",
+    profile_strategy: str = "average",
+) -> Choice:
+    """The best (plan, micro-batch size, micro-batches in flight) by predicted throughput.
+
+    make_plan(problem) -> Plan plans for one candidate (the DP for planned strategies, or a
+    fixed plan); it may raise Infeasible. Sizes must divide `prompts`; `slots` are tried
+    as given (capped at the number of micro-batches)."""
+    candidates, best, best_key = [], None, None
+    for b in sizes:
+        if prompts % b:
+            continue
+        groups = prompts // b
+        for s in sorted({min(x, groups) for x in slots}):
+            row = {"micro_batch_size": b, "micro_batches": s}
+            try:
+                prob = make_problem(profile, b, profile_strategy, slots=s)
+                plan = make_plan(prob)
+            except (Infeasible, PlannerLimit) as e:
+                candidates.append(row | {"feasible": False, "error": str(e)})
+                continue
+            pred = predict(plan, prob, groups, s, order)
+            row |= {
+                "feasible": True,
+                "stages": [[st.rank, st.start, st.end] for st in plan.stages],
+                "predicted_tokens_per_s": pred.tokens_per_s,
+                "max_micro_batches": max_in_flight(plan, profile, b),
+            }
+            candidates.append(row)
+            # Highest throughput; within TIE of it, the smallest footprint (b * s).
+            key = (pred.tokens_per_s, -b * s)
+            if best is None or _better(key, best_key):
+                best, best_key = Choice(plan, b, s, pred, prob), key
+    if best is None:
+        reasons = "; ".join(
+            f"b={c['micro_batch_size']} x {c['micro_batches']}: {c['error']}" for c in candidates
+        )
+        raise Infeasible(
+            "no micro-batch size and count fits: " + (reasons or "no size divides the prompts")
+        )
+    best.candidates = candidates
+    return best
+
+
+def _better(key, best_key) -> bool:
+    tps, neg_mem = key
+    best_tps, best_neg_mem = best_key
+    if tps > best_tps * (1 + TIE):
+        return True
+    if tps >= best_tps * (1 - TIE):
+        return neg_mem > best_neg_mem or (neg_mem == best_neg_mem and tps > best_tps)
+    return False
+
+
+def closed_form_bubbles(n_stages: int, micro_batches: int, steps: int) -> dict:
+    """Unit compute per stage, free links: the bubbles order runs each step in
+    micro_batches + n_stages - 1 units (GPipe's fill and drain), so each stage idles
+    n_stages - 1 units per step; no-bubbles with micro_batches >= n_stages never lets
+    the source idle after the first fill."""
+    return {
+        "bubbles_makespan": steps * (micro_batches + n_stages - 1),
+        "bubbles_idle_per_stage": steps * (n_stages - 1),
+        "no_bubbles_makespan": (
+            steps * micro_batches + n_stages - 1 if micro_batches >= n_stages else None
+        ),
+    }
+
+
+def pipeline_summary(
+    stage_compute_s: np.ndarray, wall_s: float, tokens: int, predicted: Prediction | None
+) -> dict:
+    """Measured figures of a run beside the prediction: throughput, busy and idle."""
+    busy = np.asarray(stage_compute_s, dtype=float)
+    out = {
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else float("nan"),
+        "busy_fraction": (busy / wall_s).tolist(),
+        "idle_s": (wall_s - busy).tolist(),
+    }
+    if predicted is not None:
+        out["predicted"] = predicted.to_dict()
+        out["measured_over_predicted"] = out["tokens_per_s"] / predicted.tokens_per_s
+    return out
