@@ -342,9 +342,7 @@ def build_record(
             stage_compute,
             summary["wall_s"],
             summary["generated_tokens"],
-            Prediction(**pred)
-            if (pred := (decision.pipeline or {}).get("prediction"))
-            else None,
+            Prediction(**pred) if (pred := (decision.pipeline or {}).get("prediction")) else None,
         )
         | {
             "order": decision.order,

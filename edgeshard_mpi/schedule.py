@@ -220,7 +220,7 @@ def grid(
     sim = simulate(stage_ranks, shape, order, compute_s, hop_s, actions)
     if tick is None:
         tick = min(compute_s(s, k) for s in range(len(stage_ranks)) for k in (0, 1)) or 1.0
-    cols = min(width, int(round(sim.makespan / tick)))
+    cols = min(width, round(sim.makespan / tick))
     cell = 2 + len(str(shape.slots - 1))
     lines = []
     for rank in sorted(actions):
@@ -230,8 +230,8 @@ def grid(
                 continue
             _, step = shape.group_step(a.slot, a.it)
             t0 = sim.start[(rank, i)]
-            c0 = int(round(t0 / tick))
-            c1 = max(c0 + 1, int(round((t0 + compute_s(a.stage, step)) / tick)))
+            c0 = round(t0 / tick)
+            c1 = max(c0 + 1, round((t0 + compute_s(a.stage, step)) / tick))
             label = f"{'P' if step == 0 else 'D'}{a.slot}".ljust(cell)
             for c in range(c0, min(c1, cols)):
                 row[c] = label
