@@ -15,7 +15,7 @@ MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
 # Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
 export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: install demo test lint bench-overhead bench-planner clean
+.PHONY: install demo test lint bench-overhead bench-planner bench-pipeline clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-overhead: install
 
 bench-planner: install
 	$(BIN)/python -m edgeshard_mpi.bench.planner --out results/bench-planner
+
+bench-pipeline: install
+	$(BIN)/python -m edgeshard_mpi.bench.pipeline --out results/bench-pipeline
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
