@@ -134,5 +134,87 @@ def hosts(hostfile: Path, n: Annotated[int, typer.Option("-n", help="ranks")] = 
         typer.echo(f"  rank {rank}: {host}")
 
 
+testbed_app = typer.Typer(
+    help="An emulated cluster on this host: namespaces, tc-shaped links, cgroup limits.",
+    no_args_is_help=True,
+)
+app.add_typer(testbed_app, name="testbed")
+
+
+def _load_testbed(name: str):
+    from .testbed import TestbedError, load_testbed
+
+    try:
+        return load_testbed(name)
+    except TestbedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _testbed_call(fn, *args) -> None:
+    from .testbed import TestbedError
+
+    try:
+        fn(*args)
+    except TestbedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@testbed_app.command("up")
+def testbed_up(testbed: Annotated[str, typer.Argument(help="shipped name or file")]) -> None:
+    """Create the testbed (root; idempotent) and print how to launch a job in it."""
+    from .testbed import up
+
+    tb = _load_testbed(testbed)
+    _testbed_call(up, tb)
+    typer.echo(f"launch a job: edgeshard-mpi testbed launch {testbed} JOB")
+
+
+@testbed_app.command("down")
+def testbed_down(testbed: Annotated[str, typer.Argument(help="shipped name or file")]) -> None:
+    """Remove everything the testbed created, also after a crash."""
+    from .testbed import down
+
+    _testbed_call(down, _load_testbed(testbed))
+
+
+@testbed_app.command("status")
+def testbed_status(testbed: Annotated[str, typer.Argument(help="shipped name or file")]) -> None:
+    """Show the devices, their limits and links, and whether the testbed is up."""
+    from .testbed import status
+
+    typer.echo(status(_load_testbed(testbed)))
+
+
+@testbed_app.command("launch")
+def testbed_launch(
+    testbed: Annotated[str, typer.Argument(help="shipped name or file")],
+    job: Annotated[Path, typer.Argument(help="job file (TOML)")],
+    command: Annotated[str, typer.Option(help="run | profile")] = "run",
+) -> None:
+    """Print the mpiexec line that starts one rank inside each device."""
+    import shlex
+    import shutil
+    import sys
+
+    from .testbed import MPI_TCP_ENV, launch_argv
+
+    tb = _load_testbed(testbed)
+    local = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
+    argv = launch_argv(tb, str(job.resolve()), mpiexec, sys.executable, command)
+    env = " ".join(f"{k}={v}" for k, v in MPI_TCP_ENV.items())
+    typer.echo(f"{env} {shlex.join(argv)}")
+
+
+@testbed_app.command("list")
+def testbed_list() -> None:
+    """List the shipped testbeds."""
+    from .testbed import shipped_testbeds
+
+    typer.echo(", ".join(shipped_testbeds()))
+
+
 def main() -> None:
     app()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import heapq
+import itertools
 import pickle
 import sys
+import threading
 import time
 
 import numpy as np
@@ -36,6 +39,62 @@ def as_buffer(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+class _Pending:
+    """A send an emulated link has not delivered yet: Test() is False until it is posted."""
+
+    __slots__ = ("req",)
+
+    def __init__(self):
+        self.req = None
+
+    def Test(self, status=None) -> bool:  # the MPI.Request interface
+        req = self.req
+        return req is not None and req.Test(status)
+
+
+class LinkEmulator(threading.Thread):
+    """Emulated links from this rank: a message to `dest` is posted (MPI Isend) only once
+    it would have arrived: after latency[dest], and, when bandwidth is emulated too, after
+    the bytes queued before it and its own bytes have crossed at bandwidth[dest] bytes/s.
+    A thread posts it, so a rank busy computing does not hold its messages back (MPI is
+    initialized with MPI_THREAD_MULTIPLE by mpi4py)."""
+
+    def __init__(self, comm, latency: np.ndarray, bandwidth: np.ndarray | None):
+        super().__init__(daemon=True, name="edgeshard-links")
+        self.comm, self.latency, self.bandwidth = comm, latency, bandwidth
+        self.busy = np.zeros(len(latency))
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.cond = threading.Condition()
+        self.start()
+
+    def submit(self, buf, dest: int, tag: int) -> _Pending:
+        now = time.perf_counter()
+        p = _Pending()
+        with self.cond:
+            if self.bandwidth is not None and np.isfinite(self.bandwidth[dest]):
+                start = max(now, self.busy[dest])
+                self.busy[dest] = start + buf.nbytes / self.bandwidth[dest]
+                release = self.busy[dest] + self.latency[dest]
+            else:
+                release = now + self.latency[dest]
+            heapq.heappush(self.heap, (release, next(self.seq), p, buf, dest, tag))
+            self.cond.notify()
+        return p
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.heap:
+                    self.cond.wait()
+                delay = self.heap[0][0] - time.perf_counter()
+                if delay > 0:
+                    self.cond.wait(timeout=delay)
+                    continue
+                _, _, p, buf, dest, tag = heapq.heappop(self.heap)
+            p.req = self.comm.Isend(buf, dest=dest, tag=tag)
+
+
 class Transport:
     def __init__(self, comm: MPI.Comm, poll_min_s: float = 20e-6, poll_max_s: float = 100e-6):
         _tight_sleep()
@@ -45,6 +104,17 @@ class Transport:
         self._sends: list[tuple[MPI.Request, object]] = []
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.links: LinkEmulator | None = None
+
+    def emulate_links(self, latency: np.ndarray, bandwidth: np.ndarray | None) -> None:
+        """Delay this rank's data messages as the testbed's links would (see testbed.py)."""
+        self.links = LinkEmulator(self.comm, latency, bandwidth)
+
+    def isend_buf(self, buf, dest: int, tag: int):
+        """Isend of a buffer through the (possibly emulated) link; returns a request."""
+        if self.links is not None:
+            return self.links.submit(buf, dest, tag)
+        return self.comm.Isend(buf, dest=dest, tag=tag)
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -112,14 +182,14 @@ class Transport:
         Send of >= 8 KB waits for the receiver under MPICH's rendezvous protocol.)"""
         t = t.contiguous()
         buf = as_buffer(t)
-        self._sends.append((self.comm.Isend(buf, dest=dest, tag=tag), t))
+        self._sends.append((self.isend_buf(buf, dest, tag), t))
         self.bytes_sent += buf.nbytes
         self.messages_sent += 1
 
     def send_stop(self, dest: int, tag: int) -> None:
         """An empty message on a channel means: this group is finished (EOS)."""
         empty = np.empty(0, dtype=np.float32)
-        self._sends.append((self.comm.Isend(empty, dest=dest, tag=tag), empty))
+        self._sends.append((self.isend_buf(empty, dest, tag), empty))
         self.messages_sent += 1
 
     def progress(self) -> None:

@@ -244,6 +244,12 @@ class ClusterCfg:
     """The rank of the cloud server (for cloud-edge-even / cloud-edge-opt)."""
     devices: tuple[DeviceCfg, ...] = ()
     """Per-rank names and memory budgets that override what ranks detect."""
+    testbed: str | None = None
+    """An emulated testbed (a shipped name or a file): rank i is its device i."""
+    emulation: str = "auto"
+    """How the testbed is emulated: os (namespaces, tc, cgroups; ranks started by the
+    testbed's launch line), transport (inside the job: delays and sleeps), or auto (os
+    when the ranks were started inside the testbed, else transport)."""
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,7 @@ class Job:
                 f"cluster.cloud = {cloud}: must be a rank other than the source, below {world_size}"
             )
         part = self.partition
-        if part.strategy.startswith("cloud-edge") and cloud is None:
+        if part.strategy.startswith("cloud-edge") and cloud is None and not self.cluster.testbed:
             raise JobError(
                 f"partition.strategy = {part.strategy!r} needs cluster.cloud (the "
                 "rank of the cloud server)"
@@ -494,10 +500,14 @@ def _profile(sec: _Section, base: Path) -> ProfileCfg:
     return cfg
 
 
-def _cluster(sec: _Section) -> ClusterCfg:
+def _cluster(sec: _Section, base: Path) -> ClusterCfg:
     cloud = sec.get("cloud", int, None)
     raw = sec.get("devices", list, [])
+    testbed = sec.get("testbed", str, None)
+    emulation = sec.choice("emulation", ("auto", "os", "transport"), "auto")
     sec.finish()
+    if testbed is not None and ("/" in testbed or testbed.endswith(".toml")):
+        testbed = str(expand_path(testbed, base, "cluster.testbed"))
     devices, seen = [], set()
     for i, d in enumerate(raw):
         where = f"cluster.devices[{i}]"
@@ -508,7 +518,7 @@ def _cluster(sec: _Section) -> ClusterCfg:
         seen.add(d["rank"])
         mem = parse_bytes(d["memory"], f"{where}.memory") if "memory" in d else None
         devices.append(DeviceCfg(d["rank"], d.get("name"), mem))
-    return ClusterCfg(cloud=cloud, devices=tuple(devices))
+    return ClusterCfg(cloud=cloud, devices=tuple(devices), testbed=testbed, emulation=emulation)
 
 
 def _auto_int(sec: _Section, key: str) -> int | None:
@@ -612,7 +622,7 @@ def parse_job(text: str, path: Path) -> Job:
         runtime=_runtime(_Section(sections["runtime"], "runtime")),
         output=_output(_Section(sections["output"], "output")),
         profile=_profile(_Section(sections["profile"], "profile"), base),
-        cluster=_cluster(_Section(sections["cluster"], "cluster")),
+        cluster=_cluster(_Section(sections["cluster"], "cluster"), base),
     )
 
 

@@ -64,7 +64,7 @@ def output_path(job: Job) -> Path:
     return Path(job.output.path.format(name=job.name, time=stamp))
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: Path, fresh: bool = True) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe"
@@ -74,7 +74,7 @@ def _check_writable(path: Path) -> None:
         raise JobError(
             f"output.path: cannot write in {path.parent} ({e.strerror}); choose a writable folder"
         ) from None
-    if path.exists():
+    if fresh and path.exists():
         raise JobError(
             f"output.path: {path} already exists; results are never overwritten, "
             "use {time} in the path or remove the file"
@@ -100,14 +100,83 @@ def _setup(job_path: str, tp, need_prompts: bool = True):
                 tok = load_tokenizer(job.workload.tokenizer, job.model.source, spec.vocab_size)
                 prompts = load_prompts(job.workload, tok)
             out = output_path(job)
-            _check_writable(out)
+            _check_writable(out, fresh=need_prompts)  # `profile` writes no run file
     except JobError as e:
         err = str(e)
     _agree(tp, err)
     return job, spec, prompts, out
 
 
-def _devices(job: Job, tp):
+def _testbed(job: Job, tp):
+    """Step 1b (testbed): an emulated device per rank, by the OS or inside the job."""
+    import os
+
+    from . import emulation
+    from .testbed import TestbedError, load_testbed
+
+    if job.cluster.testbed is None:
+        return None, "none"
+    tb, err = None, None
+    inside = os.environ.get("EDGESHARD_EMULATION") == "os"
+    try:
+        tb = load_testbed(job.cluster.testbed)
+        if tb.n != tp.size:
+            err = (
+                f"cluster.testbed: {tb.name} has {tb.n} devices but the job runs {tp.size} "
+                f"rank(s); start one rank per device (mpiexec -n {tb.n})"
+            )
+        elif tb.source != 0:
+            err = f"cluster.testbed: {tb.name}'s source must be its first device (rank 0)"
+        elif job.cluster.emulation == "os" and not inside:
+            err = (
+                "cluster.emulation = 'os' but the ranks were not started inside the testbed; "
+                f"run `edgeshard-mpi testbed up {tb.name}` and use the line that "
+                f"`edgeshard-mpi testbed launch {tb.name} JOB` prints"
+            )
+        elif job.cluster.emulation == "transport" and inside:
+            err = (
+                "cluster.emulation = 'transport' but the ranks run inside the OS testbed "
+                "(they would be slowed twice); use 'auto' or launch with plain mpiexec"
+            )
+    except TestbedError as e:
+        err = f"cluster.testbed: {e}"
+    _agree(tp, err)
+    me = tb.devices[tp.rank]
+    if inside:  # tc shapes bandwidth and a CFS quota the speed; latency is ours to add
+        from .testbed import join_cgroups
+
+        _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
+        join_cgroups()
+        tp.emulate_links(tb.latency_s[tp.rank], None)
+        emulation.configure("os", quota=True)
+        return tb, "os"
+    tp.emulate_links(tb.latency_s[tp.rank], tb.bandwidth[tp.rank])
+    emulation.configure("transport", slowdown=1.0 / me.cpu)
+    return tb, "transport"
+
+
+def _warm_up_imports() -> None:
+    """Run a tiny model once so every lazily imported module is loaded now."""
+    import torch
+
+    from .model import Stage, first_position, position_ids
+    from .presets import resolve
+    from .weights import weight_source
+
+    spec = resolve("tiny")
+    stage = Stage(spec, 0, spec.n_units, "float32", torch.device("cpu"))
+    stage.load(weight_source("tiny", spec, "float32", 0))
+    cache = stage.new_cache(1, 8)
+    with torch.inference_mode():
+        stage(
+            torch.zeros(1, 4, dtype=torch.int64), cache, position_ids(1, 4, 0), first_position(4, 0)
+        )
+        stage(
+            torch.zeros(1, 1, dtype=torch.int64), cache, position_ids(1, 4, 1), first_position(4, 1)
+        )
+
+
+def _devices(job: Job, tp, tb=None):
     """Step 2 (devices): every rank describes itself; all get the table."""
     import torch
 
@@ -128,8 +197,12 @@ def _devices(job: Job, tp):
         accel, free = torch.cuda.get_device_name(dev), torch.cuda.mem_get_info(dev)[0]
     _agree(tp, err)
     accels, frees = tp.allgather(accel), tp.allgather(free)
-    budgets = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
-    names = {d.rank: d.name for d in job.cluster.devices if d.name}
+    budgets, names = {}, {}
+    if tb is not None:  # the testbed's devices, unless the job overrides them
+        budgets = {i: d.memory for i, d in enumerate(tb.devices)}
+        names = {i: d.name for i, d in enumerate(tb.devices)}
+    budgets |= {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
+    names |= {d.rank: d.name for d in job.cluster.devices if d.name}
     devices = describe_devices(views, job.runtime.threads, budgets, names, accels, frees)
     torch.set_num_threads(devices[tp.rank].threads)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -173,8 +246,13 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
         for r, m in overrides.items():
             budget[r] = m
         prof = replace(prof, memory_budget=budget)
-    if job.cluster.cloud is not None:
-        prof = replace(prof, cloud=job.cluster.cloud)
+    cloud = job.cluster.cloud
+    if cloud is None and job.cluster.testbed is not None:
+        from .testbed import load_testbed
+
+        cloud = load_testbed(job.cluster.testbed).cloud
+    if cloud is not None:
+        prof = replace(prof, cloud=cloud)
     return prof
 
 
@@ -420,7 +498,10 @@ def run_job(job_path: str) -> int:
         tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
             log.info(f"note: {prompts.note}")
-        devices, device = _devices(job, tp)
+        tb, emulation = _testbed(job, tp)
+        if tb is not None:
+            log.info(f"testbed {tb.name}: {tb.n} devices, emulated by the {emulation}")
+        devices, device = _devices(job, tp, tb)
         prof = _profile(job, spec, devices, device, tp, log, out)
         plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
         log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
@@ -474,6 +555,9 @@ def run_job(job_path: str) -> int:
         others,
         dec,
     )
+    record["attrs"]["emulation"] = emulation
+    if tb is not None:
+        record["attrs"]["testbed"] = tb.to_dict()
     write_run(out, record)
     log.info(
         f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
@@ -504,7 +588,8 @@ def profile_job(job_path: str, out_path: str | None) -> int:
     log = Log(tp.rank)
     try:
         job, spec, _, out = _setup(job_path, tp, need_prompts=False)
-        devices, device = _devices(job, tp)
+        tb, _ = _testbed(job, tp)
+        devices, device = _devices(job, tp, tb)
         job = replace(
             job,
             profile=replace(job.profile, reuse=None, save=None),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import emulation
 from . import schedule as sch
 from .model import Stage, first_position, position_ids
 
@@ -242,6 +243,7 @@ class Runtime:
         out = stage(x.to(self.device), cache, self.positions[step], first_position(self.P, step))
         if stage.has_head:
             out = out.argmax(dim=-1)  # greedy decoding: tokens [B]
+        emulation.stretch(t_start)
         self._outputs[key] = out.cpu()
         if a.stage > 0:
             self._post(key)  # the receive buffer has been read
