@@ -15,7 +15,7 @@ MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
 # Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
 export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: install demo test lint bench-overhead bench-planner bench-pipeline clean
+.PHONY: install demo test lint bench-overhead bench-planner bench-pipeline bench bench-quick report clean
 
 install: $(STAMP)
 
@@ -44,6 +44,16 @@ bench-planner: install
 
 bench-pipeline: install
 	$(BIN)/python -m edgeshard_mpi.bench.pipeline --out results/bench-pipeline
+
+# The paper's experiments on the emulated testbed (root: namespaces + tc + cgroups; else
+# emulated inside the jobs). Resumable: finished runs are skipped.
+bench: install
+	$(BIN)/python -m edgeshard_mpi.bench.paper --out results/bench
+	$(BIN)/python -m edgeshard_mpi report results/bench --out results/bench/report
+
+bench-quick: install
+	$(BIN)/python -m edgeshard_mpi.bench.paper --quick --out results/bench-quick
+	$(BIN)/python -m edgeshard_mpi report results/bench-quick --out results/bench-quick/report
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache

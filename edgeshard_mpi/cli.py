@@ -134,6 +134,24 @@ def hosts(hostfile: Path, n: Annotated[int, typer.Option("-n", help="ranks")] = 
         typer.echo(f"  rank {rank}: {host}")
 
 
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="run files or folders of them")],
+    out: Annotated[Path, typer.Option(help="folder for report.md, runs.csv, plots")] = Path(
+        "results/report"
+    ),
+) -> None:
+    """Markdown and CSV tables and PNG plots from many run files."""
+    from .report import write_report
+
+    try:
+        path = write_report(results, out)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
 testbed_app = typer.Typer(
     help="An emulated cluster on this host: namespaces, tc-shaped links, cgroup limits.",
     no_args_is_help=True,

@@ -261,6 +261,9 @@ class RuntimeCfg:
     poll_min_us: float = 20.0
     poll_max_us: float = 100.0
     """A waiting rank sleeps between MPI_Test calls, backing off from min to max."""
+    check_memory: bool = True
+    """Refuse a plan that exceeds a device's memory budget before loading (off: load it
+    anyway, e.g. to watch a testbed's memory limit stop it)."""
 
 
 @dataclass(frozen=True)
@@ -568,6 +571,7 @@ def _runtime(sec: _Section) -> RuntimeCfg:
         device=sec.choice("device", ("cpu", "cuda", "auto"), "cpu"),
         poll_min_us=sec.get("poll_min_us", float, 20.0),
         poll_max_us=sec.get("poll_max_us", float, 100.0),
+        check_memory=sec.get("check_memory", bool, True),
     )
     sec.finish()
     if not 0 < rt.poll_min_us <= rt.poll_max_us:

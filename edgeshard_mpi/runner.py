@@ -337,7 +337,7 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
             def make(prob):
                 if fixed is None:
                     return baselines.make_plan(prob, part.strategy, part.objective, part.algorithm)
-                return baselines.check_fits(fixed, prob)
+                return baselines.check_fits(fixed, prob) if job.runtime.check_memory else fixed
 
             pipe = None
             b, slots = pc.micro_batch_size, pc.micro_batches
@@ -356,7 +356,8 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
             else:
                 prob = make_problem(prof, b, job.profile.strategy)
                 plan = make(prob)
-            _check_memory(plan, spec, job, devices, b, slots or 1)
+            if job.runtime.check_memory:
+                _check_memory(plan, spec, job, devices, b, slots or 1)
             predicted = evaluate(plan, prob).to_dict() if prob is not None else None
             others = {}
             if prob is not None and part.planned:

@@ -45,6 +45,8 @@ CPU_PERIOD_US = 100_000
 class TestbedError(ValueError):
     """A problem with a testbed file or the host, phrased with the fix."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
 
 @dataclass(frozen=True)
 class Device:

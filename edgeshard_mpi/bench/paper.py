@@ -1,0 +1,288 @@
+"""`make bench` / `make bench-quick`: the paper's experiments on an emulated testbed.
+
+Every run is a real job (mpiexec, one rank per device) that writes one HDF5 file; a run
+whose plan cannot fit (the planner says so, exit status 2) leaves a .infeasible.json with
+the planner's message instead. Finished runs are skipped, so a sweep can be interrupted
+and resumed. Experiments:
+
+  table4     latency (sequential, latency objective) and throughput (pipelined,
+             throughput objective) of edge-solo, cloud-edge-even, cloud-edge-opt and
+             edgeshard for three model sizes; the largest fits only with edgeshard, and one
+             run with the memory check off confirms that the cgroup limit kills it
+  bandwidth  Figs. 7 and 8: the source-cloud bandwidth swept, latency and throughput
+  source     Fig. 9: the source node an AGX (as everywhere else) or an NX
+  profiling  Fig. 10: planning from prefill, decode, average or workload-weighted costs
+  orders     Fig. 11: pipelined throughput in bubbles and no-bubbles order
+
+With root (and ip, tc, cgroups) the testbed runs in namespaces with tc and cgroups
+("os"); elsewhere inside the job ("transport"); each HDF5 file says which.
+
+    python -m edgeshard_mpi.bench.paper [--quick] [--only table4,orders] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from .. import toml_out
+from ..testbed import can_emulate_os, down, launch_argv, load_testbed, up
+from .common import mpiexec_path
+
+STRATEGIES = ("edge-solo", "cloud-edge-even", "cloud-edge-opt", "edgeshard")
+PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
+
+FULL = {
+    "testbed": "paper",
+    "models": ("mini-7b", "mini-13b", "mini-70b"),
+    "main": "mini-7b",
+    "prompts": 2,
+    "pipeline_prompts": 8,
+    "new_tokens": 96,
+    # The paper's 1, 10, 20, 30, 40, 50 Mb/s, times the testbed's bandwidth scale.
+    "bandwidths": (0.081, 0.81, 1.62, 2.43, 3.24, 4.03),
+}
+QUICK = {
+    "testbed": "small",
+    "models": ("small", "mini-7b", "mini-13b"),
+    "main": "mini-7b",
+    "prompts": 1,
+    "pipeline_prompts": 4,
+    "new_tokens": 16,
+    "bandwidths": (1.0, 4.0, 8.0),
+}
+
+
+class Bench:
+    def __init__(self, cfg: dict, out: Path, emulation: str, timeout: int):
+        self.cfg, self.out, self.timeout = cfg, out, timeout
+        self.base = load_testbed(cfg["testbed"])
+        why = can_emulate_os()
+        if emulation == "auto":
+            emulation = "os" if why is None else "transport"
+        if emulation == "os" and why:
+            sys.exit(f"--emulation os: {why}")
+        self.emulation = emulation
+        self.current = None  # the testbed variant that is up (os emulation)
+        self.done = self.skipped = 0
+
+    # -- testbeds --------------------------------------------------------------------------
+
+    def variant(self, name: str, src_cloud_mbps: float | None = None, nx_source: bool = False):
+        """A testbed file derived from the base one (written under out/testbeds)."""
+        if name == "base":
+            return self.base
+        data = tomllib.loads(self.base.path.read_text())
+        data["name"] = f"{self.base.name}-{name}"
+        if src_cloud_mbps is not None:
+            for p in data["links"]["pairs"]:
+                if {p["a"], p["b"]} == {data["source"], data["cloud"]}:
+                    p["bandwidth_mbps"] = src_cloud_mbps
+        if nx_source:  # an NX becomes device 0 (the source); the AGX count stays 12
+            tb = self.base
+            kinds = [d.kind for d in tb.devices]
+            nx = kinds.index("nx")
+            order = [nx] + [i for i in range(tb.n) if i != nx]
+            data["devices"] = [
+                {"name": tb.devices[i].name, "kind": tb.devices[i].kind,
+                 "cpu": tb.devices[i].cpu, "memory": tb.devices[i].memory}
+                for i in order
+            ]  # fmt: skip
+            data["source"] = tb.devices[nx].name
+            for p in data["links"]["pairs"]:  # the slow link follows the source
+                if p["a"] == self.base.devices[0].name:
+                    p["a"] = tb.devices[nx].name
+        path = self.out / "testbeds" / f"{data['name']}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(toml_out.dumps(data))
+        return load_testbed(path)
+
+    def use(self, tb) -> None:
+        if self.emulation != "os" or self.current is tb.path:
+            return
+        if self.current is not None:
+            down(load_testbed(self.current), log=lambda *_: None)
+        up(tb, log=lambda m: print(f"    {m}", flush=True))
+        self.current = tb.path
+
+    def close(self) -> None:
+        if self.emulation == "os" and self.current is not None:
+            down(load_testbed(self.current), log=lambda *_: None)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def launch(self, tb, job: Path, command: str = "run") -> subprocess.CompletedProcess:
+        py = sys.executable
+        if self.emulation == "os":
+            argv = launch_argv(tb, str(job), mpiexec_path(), py, command)
+            env = {}
+        else:
+            argv = [mpiexec_path(), "-n", str(tb.n), py, "-m", "mpi4py", "-m", "edgeshard_mpi",
+                    command, str(job)]  # fmt: skip
+            env = {}
+        full = dict(os.environ, MPIEXEC_TIMEOUT=str(self.timeout), **env)
+        return subprocess.run(argv, capture_output=True, text=True, env=full)
+
+    def profile(self, tb, model: str) -> Path:
+        path = self.out / "profiles" / f"{tb.name}-{model}.json"
+        if path.is_file():
+            return path
+        self.use(tb)
+        job = self._job(tb, model, path.with_suffix(".h5"), {"strategy": "edgeshard"})
+        job["profile"] = {"sample_layers": 2}
+        jpath = path.with_suffix(".toml")
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        jpath.write_text(toml_out.dumps(job))
+        t0 = time.time()
+        proc = self.launch(tb, jpath, "profile")
+        if proc.returncode != 0:
+            sys.exit(f"profiling {model} on {tb.name} failed:\n{proc.stdout}\n{proc.stderr}")
+        (self.out / "profiles" / f"{tb.name}-{model}.profile.json").replace(path)
+        print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s", flush=True)
+        return path
+
+    def _job(self, tb, model: str, out: Path, partition: dict, pipeline: dict | None = None):
+        cfg = self.cfg
+        pipelined = pipeline is not None
+        return {
+            "name": out.stem,
+            "model": {"source": model},
+            "workload": {
+                "tokenizer": "bytes",
+                "dataset": "${EDGESHARD_DATA}/wikitext-2-raw-v1/wiki.test.raw",
+                "fallback": "builtin",
+                "prompts": cfg["pipeline_prompts"] if pipelined else cfg["prompts"],
+                "new_tokens": cfg["new_tokens"],
+            },
+            "partition": partition,
+            "pipeline": pipeline or {},
+            "cluster": {"testbed": str(tb.path)},
+            "output": {"path": str(out), "events": pipelined},
+        }
+
+    def run(self, exp: str, name: str, tb, model: str, partition: dict, **kw) -> None:
+        out = self.out / exp / f"{name}.h5"
+        marker = out.with_suffix(".infeasible.json")
+        if out.is_file() or marker.is_file():
+            self.skipped += 1
+            return
+        prof = self.profile(tb, model)
+        self.use(tb)
+        job = self._job(tb, model, out, partition, kw.get("pipeline"))
+        job["profile"] = {"reuse": str(prof), "strategy": kw.get("profile_strategy", "average")}
+        if kw.get("check_memory") is False:
+            job["runtime"] = {"check_memory": False}
+        jpath = out.with_suffix(".toml")
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        jpath.write_text(toml_out.dumps(job))
+        t0 = time.time()
+        print(f"  {exp}/{name} ...", end=" ", flush=True)
+        proc = self.launch(tb, jpath)
+        took = time.time() - t0
+        if proc.returncode == 0:
+            line = [x for x in proc.stdout.splitlines() if "ms/token" in x and "prompts x" in x]
+            print(f"{took:.0f} s: {line[-1].split(': ', 1)[-1] if line else 'done'}", flush=True)
+        elif proc.returncode == 2 and "error:" in proc.stderr:
+            msg = proc.stderr.strip().splitlines()[0].split("error: ", 1)[-1]
+            marker.write_text(json.dumps({"run": name, "model": model, "infeasible": msg,
+                                          "partition": partition}))  # fmt: skip
+            print(f"infeasible: {msg[:90]}", flush=True)
+        elif kw.get("expect_failure"):
+            marker.write_text(json.dumps({"run": name, "model": model, "killed": True,
+                                          "status": proc.returncode,
+                                          "stderr": proc.stderr[-2000:]}))  # fmt: skip
+            print(f"failed as expected (status {proc.returncode})", flush=True)
+        else:
+            sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        self.done += 1
+
+    # -- experiments ----------------------------------------------------------------------
+
+    def table4(self) -> None:
+        tb = self.variant("base")
+        for model in self.cfg["models"]:
+            for s in STRATEGIES:
+                self.run("table4", f"{model}-{s}-latency", tb, model,
+                         {"strategy": s, "objective": "latency"})  # fmt: skip
+                self.run("table4", f"{model}-{s}-throughput", tb, model,
+                         {"strategy": s, "objective": "throughput"},
+                         pipeline={"mode": "pipeline"})  # fmt: skip
+        if self.emulation == "os":  # the planner says OOM; show the OS agrees
+            big = self.cfg["models"][-1]
+            self.run("table4", f"{big}-edge-solo-memory-check-off", tb, big,
+                     {"strategy": "even", "ranks": [0]}, check_memory=False,
+                     expect_failure=True)  # fmt: skip
+
+    def bandwidth(self) -> None:
+        for bw in self.cfg["bandwidths"]:
+            tb = self.variant(f"bw{bw:g}", src_cloud_mbps=bw)
+            for s in ("edge-solo", "cloud-edge-opt", "edgeshard"):
+                self.run("bandwidth", f"{s}-latency-bw{bw:g}", tb, self.cfg["main"],
+                         {"strategy": s, "objective": "latency"})  # fmt: skip
+                self.run("bandwidth", f"{s}-throughput-bw{bw:g}", tb, self.cfg["main"],
+                         {"strategy": s, "objective": "throughput"},
+                         pipeline={"mode": "pipeline"})  # fmt: skip
+
+    def source(self) -> None:
+        for name, nx in (("agx", False), ("nx", True)):
+            tb = self.variant("base" if not nx else "nx-source", nx_source=nx)
+            for s in ("edge-solo", "edgeshard"):
+                self.run("source", f"{s}-source-{name}", tb, self.cfg["main"],
+                         {"strategy": s, "objective": "latency"})  # fmt: skip
+
+    def profiling(self) -> None:
+        tb = self.variant("base")
+        for ps in PROFILE_STRATEGIES:
+            self.run("profiling", f"edgeshard-{ps}", tb, self.cfg["main"],
+                     {"strategy": "edgeshard", "objective": "latency"},
+                     profile_strategy=ps)  # fmt: skip
+
+    def orders(self) -> None:
+        tb = self.variant("base")
+        for order in ("bubbles", "no-bubbles"):
+            self.run("orders", f"edgeshard-{order}", tb, self.cfg["main"],
+                     {"strategy": "edgeshard", "objective": "throughput"},
+                     pipeline={"mode": "pipeline", "order": order})  # fmt: skip
+
+
+EXPERIMENTS = ("table4", "bandwidth", "source", "profiling", "orders")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the small testbed, short runs")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments")
+    ap.add_argument("--emulation", default="auto", choices=("auto", "os", "transport"))
+    ap.add_argument("--new-tokens", type=int, help="override the workload's new tokens")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.new_tokens:
+        cfg["new_tokens"] = args.new_tokens
+    out = (args.out or Path("results") / ("bench-quick" if args.quick else "bench")).resolve()
+    bench = Bench(cfg, out, args.emulation, args.timeout)
+    print(f"testbed {cfg['testbed']} ({bench.emulation} emulation), results in {out}")
+    t0 = time.time()
+    try:
+        for exp in args.only.split(","):
+            if exp not in EXPERIMENTS:
+                sys.exit(f"--only: unknown experiment {exp!r}; choose from {EXPERIMENTS}")
+            print(f"{exp}:", flush=True)
+            getattr(bench, exp)()
+    finally:
+        bench.close()
+    print(
+        f"{bench.done} run(s) in {time.time() - t0:.0f} s, {bench.skipped} already done; "
+        f"report: edgeshard-mpi report {out} --out {out}/report"
+    )
+
+
+if __name__ == "__main__":
+    main()
