@@ -156,7 +156,7 @@ def test_a_hand_written_profile_in_compact_form(tmp_path):
                     {"name": "x", "memory_budget": "lots", "prefill_s": [1], "decode_s": [1]}
                 ]
             },
-            "cannot read 'lots' as bytes",
+            "cannot read 'lots' as a size",
         ),
         (
             {

@@ -51,25 +51,12 @@ class Infeasible(ValueError):
 
 
 def _bytes(v, where: str) -> int:
-    if isinstance(v, int | float) and v > 0:
-        return int(v)
-    import re
+    from ..job import JobError, parse_bytes  # the job file's size syntax (pure: no torch)
 
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]i?)?[bB]?\s*", str(v))
-    if not m:
-        raise ProfileError(f"{where}: cannot read {v!r} as bytes (e.g. 29GiB or 3.1e10)")
-    scale = {
-        "": 1,
-        "k": 1e3,
-        "m": 1e6,
-        "g": 1e9,
-        "t": 1e12,
-        "ki": 2**10,
-        "mi": 2**20,
-        "gi": 2**30,
-        "ti": 2**40,
-    }[(m.group(2) or "").lower()]
-    return int(float(m.group(1)) * scale)
+    try:
+        return parse_bytes(v, where)
+    except JobError as e:
+        raise ProfileError(str(e)) from None
 
 
 @dataclass(frozen=True)
