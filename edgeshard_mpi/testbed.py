@@ -467,12 +467,21 @@ def down(tb: Testbed, log=print) -> None:
 
 
 def _kill_cgroup(leaf: Path) -> None:
+    """Kill what still runs in a device's cgroup and wait until it is empty (rmdir of a
+    cgroup with members fails)."""
+    import time
+
     procs = leaf / "cgroup.procs"
-    try:
-        for pid in procs.read_text().split():
+    for _ in range(50):
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
             _run(["kill", "-9", pid], check=False)
-    except OSError:
-        pass
+        time.sleep(0.1)
 
 
 def status(tb: Testbed) -> str:

@@ -13,7 +13,8 @@ def _value(v) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list | tuple):
