@@ -51,6 +51,17 @@ def _run(tmp_path):
         "stages": {"compute_s": [1.0]},
         "events": None,
         "summary": {"latency_ms_per_token": 1.5},
+        "pipeline": {
+            "order": "no-bubbles",
+            "micro_batches": 2,
+            "micro_batch_size": 1,
+            "tokens_per_s": 10.0,
+            "busy_fraction": [0.5],
+            "idle_s": [1.0],
+            "predicted": {"tokens_per_s": 12.5, "busy_fraction": [0.6], "idle_s": [0.8]},
+            "measured_over_predicted": 0.8,
+            "candidates": [{"micro_batch_size": 1, "micro_batches": 2, "feasible": True}],
+        },
     }
 
 
@@ -63,6 +74,10 @@ def test_write_and_read_roundtrip(tmp_path):
     assert r["summary"]["@latency_ms_per_token"] == 1.5
     assert list(r["workload"]["prompt_text"]) == ["x", "y"]
     assert r["devices"]["host"][0] in (b"a", "a")
+    p = r["pipeline"]
+    assert p["@micro_batches"] == 2 and p["@predicted_tokens_per_s"] == 12.5
+    assert p["busy_fraction"].tolist() == [0.5] and p["predicted_idle_s"].tolist() == [0.8]
+    assert p["@candidates"][0]["feasible"] is True
     assert os.listdir(tmp_path / "out") == ["run.h5"]  # no temporary file left
 
 
