@@ -405,7 +405,8 @@ def is_up(tb: Testbed) -> bool:
     except ValueError:
         return False
     names = _run(["ip", "netns", "list"], check=False).stdout
-    return state.get("testbed") == tb.to_dict() and all(tb.ns(i) in names for i in range(tb.n))
+    same = state.get("testbed") == tb.to_dict() and state.get("complete")
+    return bool(same) and all(tb.ns(i) in names for i in range(tb.n))
 
 
 def up(tb: Testbed, log=print) -> None:

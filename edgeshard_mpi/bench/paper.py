@@ -104,7 +104,7 @@ class Bench:
         return load_testbed(path)
 
     def use(self, tb) -> None:
-        if self.emulation != "os" or self.current is tb.path:
+        if self.emulation != "os" or self.current == tb.path:
             return
         if self.current is not None:
             down(load_testbed(self.current), log=lambda *_: None)
