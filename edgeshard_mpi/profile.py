@@ -13,6 +13,11 @@ Links: in round-robin rounds (O(M) rounds, disjoint pairs in parallel), each ord
 times a small message and a large one, each answered by a 1-byte ack; latency = small time
 / 2, bandwidth = (large - small bytes) / (large - small time). The large size grows until a
 transfer takes >= 20 ms, so slow and fast links are both measured in reasonable time.
+
+On an emulated testbed device (emulation.py): under a CFS quota a unit's time is the mean
+over whole quota periods (a median of short calls would miss the throttling), transfers on
+tc-shaped links grow to >= 0.25 s (htb starts with a full bucket), and links are measured
+with the CPU quota lifted (a throttled rank answers late and would read as a slow link).
 """
 
 from __future__ import annotations
