@@ -333,7 +333,7 @@ def profile_cluster(
         raise CheckpointError("; ".join(failed))
     log(f"profiled {spec.n_units} units on {tp.size} ranks in {time.perf_counter() - t0:.1f} s")
     t1 = time.perf_counter()
-    from .testbed import cpu_unthrottled
+    from .cgroups import cpu_unthrottled
 
     with cpu_unthrottled():
         lat, bw = measure_links(tp, link_repeats)

@@ -143,7 +143,7 @@ def _testbed(job: Job, tp):
     _agree(tp, err)
     me = tb.devices[tp.rank]
     if inside:  # tc shapes bandwidth and a CFS quota the speed; latency is ours to add
-        from .testbed import join_cgroups
+        from .cgroups import join_cgroups
 
         _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
         join_cgroups()
