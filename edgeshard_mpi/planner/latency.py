@@ -43,7 +43,7 @@ def paper_algorithm1(prob: Problem, strategy: str = "edgeshard") -> Plan:
     final = dp[n - 1] + prob.return_s()
     j = int(np.argmin(final))
     if not np.isfinite(final[j]):
-        from .baselines import explain_infeasible
+        from .infeasible import explain_infeasible
 
         raise Infeasible(
             explain_infeasible(prob, list(range(m)), strategy) + " (paper Algorithm 1)"

@@ -63,7 +63,7 @@ def paper_algorithm2(
                 )
     final = np.maximum(g[n], ret[None, :])
     if not np.isfinite(final).any():
-        from .baselines import explain_infeasible
+        from .infeasible import explain_infeasible
 
         raise Infeasible(
             explain_infeasible(prob, list(range(m)), strategy) + " (paper Algorithm 2)"

@@ -1,0 +1,141 @@
+"""Throughput probe: can every stage, hop and return stay within T? A furthest-reach DP
+over (device subset S, last device k): reach[S, k] = the furthest cut a chain through
+exactly S, ending on k, places within T.
+
+The next device j starts at the largest cut x <= reach (leaving it >= 1 unit, and k >= 1)
+at which j can run unit x and the hop k -> j fits T; it then reaches as far as its time and
+memory allow. Any chain the DP builds is a real plan (sound). It finds one whenever one
+exists (complete) provided no hop between two devices other than the source exceeds T and
+every device that can run the last unit returns the token within T; then the proof
+follows a feasible plan's order and skips a device the greedy run has overtaken, which
+needs the edge to be there. Hops out of the source may exceed T (the paper's 1 Mb/s
+source-cloud link): the source's successor starts no earlier than the plan's. Outside that
+condition a "no" is not a proof and the caller checks it otherwise (exact.py).
+
+Cost: 2^(M-1) M^2 cells (subsets that hold the source), vectorised per subset size;
+memory 5 bytes per (S, k).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+CELL_S = 1e-8  # seconds per (subset, k, j) cell, measured on a shared 2-core machine
+
+
+def probe_cost(m: int) -> tuple[float, float]:
+    """(bytes, seconds) of one probe over m devices."""
+    cells = (1 << max(m - 1, 0)) * m * m
+    return (1 << m) * m * 5.0 + (1 << max(m - 1, 0)) * m * 40.0 / 4, cells * CELL_S
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x.astype(np.uint64)).astype(np.int64)
+
+
+def complete_at(seg_ok, hop, ret, src: int, limit: float) -> bool:
+    """Whether a "no" from probe() at `limit` is a proof (the condition above)."""
+    n1 = seg_ok.shape[1]
+    m = hop.shape[1]
+    others = np.arange(m) != src
+    inner = hop[1 : n1 - 1][:, others][:, :, others]
+    off = ~np.eye(int(others.sum()), dtype=bool)
+    if np.any(inner[:, off] > limit):
+        return False
+    can_end = seg_ok[:, :, n1 - 1].any(axis=1)  # some range ending at the last unit fits
+    return not np.any(can_end & (ret > limit))
+
+
+def probe(seg, hop, ret, src: int, limit: float):
+    """A chain within `limit` as [(device, start, end)], or None."""
+    m, n1, _ = seg.shape
+    n = n1 - 1
+    ok = seg <= limit  # [j, x, y]
+    # far[j, x]: furthest end from start x (x when j cannot run unit x within limit).
+    ends = np.where(ok, np.arange(n1)[None, None, :], -1).max(axis=2)
+    far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
+    valid = far > np.arange(n1)[None, :]  # [j, x]
+    hop_ok = hop <= limit  # [x, k, j]
+    # pv[k, j, y]: the largest start x in [1, y] that j can take after k, else -1.
+    good = valid.T[:, None, :] & hop_ok  # [x, k, j]
+    good[0] = False
+    idx = np.where(good, np.arange(n1)[:, None, None], -1)
+    pv = np.maximum.accumulate(idx, axis=0).transpose(1, 2, 0)  # [k, j, y]
+    full = 1 << m
+    reach = np.full((full, m), -1, dtype=np.int16)
+    start = np.full((full, m), -1, dtype=np.int16)
+    prev = np.full((full, m), -1, dtype=np.int8 if m < 127 else np.int16)
+    s0 = 1 << src
+    if not valid[src, 0]:
+        return None
+    reach[s0, src], start[s0, src] = far[src, 0], 0
+    ret_ok = ret <= limit
+    levels = _levels(m, src)
+    ks = np.arange(m)
+    done = _finished(reach, ret_ok, n, np.array([s0]))  # the source alone
+    if done is not None:
+        return _path(done, reach, start, prev, n)
+    # The next device's start x is the largest one allowed, and its reach grows with x
+    # (a later start is a sub-range), so the best predecessor k is the one giving the
+    # largest x: one max over k, on int16.
+    pv_flat = np.ascontiguousarray(pv.transpose(1, 0, 2)).reshape(m, m * n1).astype(np.int16)
+    far16 = far.astype(np.int16)
+    for c in range(1, m):
+        lvl = levels[c]
+        r = reach[lvl]
+        live = (r >= 0).any(axis=1)
+        lvl, r = lvl[live], r[live]
+        if len(lvl) == 0:
+            break
+        s = start[lvl]
+        y = np.where(r >= 0, np.minimum(r, n - 1), 0).astype(np.int32)
+        base = ks[None, :].astype(np.int32) * n1 + y  # [C, k] index into pv_flat[j]
+        for j in range(m):
+            x = pv_flat[j].take(base)  # [C, k]
+            x[x <= s] = -1  # k keeps >= 1 unit (and r < 0 gives y = 0, x = -1)
+            kb = x.argmax(axis=1)
+            bx = x[np.arange(len(lvl)), kb]
+            keep = (bx > 0) & (((lvl >> j) & 1) == 0)
+            if not keep.any():
+                continue
+            tgt = lvl[keep] | (1 << j)
+            bxk = bx[keep]
+            got = far16[j].take(bxk)
+            reach[tgt, j] = got
+            start[tgt, j] = bxk
+            prev[tgt, j] = kb[keep]
+            if ret_ok[j] and (got == n).any():
+                return _path((int(tgt[int(np.argmax(got == n))]), j), reach, start, prev, n)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _levels(m: int, src: int) -> list[np.ndarray]:
+    """Subsets holding the source, by size."""
+    subsets = np.arange(1 << m, dtype=np.int64)
+    subsets = subsets[((subsets >> src) & 1) == 1]
+    pop = _popcount(subsets)
+    return [subsets[pop == c] for c in range(m + 1)]
+
+
+def _finished(reach, ret_ok, n, subs):
+    hit = (reach[subs] == n) & ret_ok[None, :]
+    if not hit.any():
+        return None
+    i, k = np.argwhere(hit)[0]
+    return int(subs[i]), int(k)
+
+
+def _path(done, reach, start, prev, n):
+    s, k = done
+    out, end = [], n
+    while k >= 0:
+        x = int(start[s, k])
+        out.append((k, x, end))
+        pk = int(prev[s, k])
+        s, k, end = s & ~(1 << k), pk, x
+        if x == 0:
+            break
+    return out[::-1]
