@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .presets import DTYPE_BYTES, ModelSpec
+from .presets import DTYPE_BYTES, PRESETS, ModelSpec
 
 STRATEGIES_FIXED = ("explicit", "even")
 STRATEGIES_PLANNED = (
@@ -371,8 +371,10 @@ def check_stages(stages: tuple[StageCfg, ...], n_units: int, world_size: int) ->
         )
 
 
-def _model(sec: _Section) -> ModelCfg:
+def _model(sec: _Section, base: Path) -> ModelCfg:
     source = sec.get("source", str, required=True)
+    if source not in PRESETS:  # a model directory: $VARS, ~, relative to the job file
+        source = str(expand_path(source, base, "model.source"))
     dtype = sec.choice("dtype", tuple(DTYPE_BYTES), "float32")
     seed = sec.get("seed", int, 0)
     sec.finish()
@@ -619,7 +621,7 @@ def parse_job(text: str, path: Path) -> Job:
         name=name,
         path=path,
         text=text,
-        model=_model(_Section(sections["model"], "model")),
+        model=_model(_Section(sections["model"], "model"), base),
         workload=workload,
         partition=partition,
         pipeline=pipeline,

@@ -59,6 +59,7 @@ class Stage(nn.Module):
         self.norm = own(base.norm) if has_head else None
         self.lm_head = own(full.get_output_embeddings()) if has_head else None
         self.rotary = own(base.rotary_emb) if self.layer_ids else None
+        self._head_dim = base.layers[0].self_attn.head_dim
         # Each layer's attention kind, as the family's forward picks its mask.
         types = self.family_layer_types()
         self.layer_types = [types[i] for i in self.layer_ids]
@@ -120,7 +121,7 @@ class Stage(nn.Module):
         cache = StaticCache(config=self.config, max_cache_len=context)
         cfg = self.config
         kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        hd = self.layers[0].self_attn.head_dim
+        hd = self._head_dim
         shape_probe = torch.empty(batch, kvh, 0, hd, dtype=self.dtype, device=self.device)
         for i in self.layer_ids:
             # Only owned layers get storage; the others stay unallocated placeholders.
