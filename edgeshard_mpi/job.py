@@ -272,6 +272,8 @@ class OutputCfg:
     """HDF5 file; {name} and {time} are filled in; relative to the current directory."""
     events: bool = True
     """Keep the per-action event log (for timelines and bubble analysis)."""
+    show_text: bool = False
+    """Print the first prompt and its decoded continuation (the demo)."""
 
 
 @dataclass(frozen=True)
@@ -582,7 +584,11 @@ def _runtime(sec: _Section) -> RuntimeCfg:
 
 
 def _output(sec: _Section) -> OutputCfg:
-    out = OutputCfg(path=sec.get("path", str, OutputCfg.path), events=sec.get("events", bool, True))
+    out = OutputCfg(
+        path=sec.get("path", str, OutputCfg.path),
+        events=sec.get("events", bool, True),
+        show_text=sec.get("show_text", bool, False),
+    )
     sec.finish()
     if not out.path.endswith((".h5", ".hdf5")):
         raise JobError(f"output.path: {out.path!r} should end in .h5 (an HDF5 file)")

@@ -274,3 +274,24 @@ def test_families_over_mpi_equal_generate(ckpt_root, tmp_path):
             got = r["workload"]["generated_ids"]
             assert np.array_equal(got, expected), f"{name} on {n} rank(s) differs from generate"
     print(f"{len(FAMILIES)} families x 1, 2 and 3 ranks over MPI: {time.perf_counter() - t0:.0f} s")
+
+
+@pytest.mark.mpi
+def test_demo_plans_and_tells_a_story(shared_data, tmp_path):
+    """`make demo`'s job: profile, EdgeShard DP under memory budgets below the model's size
+    (so the plan cuts it), broadcast, run; rank 0 prints readable text."""
+    import re
+    from pathlib import Path
+
+    from edgeshard_mpi.metrics import read_run
+    from tests.conftest import run_mpi
+
+    text = (Path(__file__).parents[1] / "jobs" / "demo.toml").read_text()
+    job = tmp_path / "demo.toml"
+    job.write_text(text.replace("results/{name}-{time}.h5", str(tmp_path / "demo.h5")))
+    proc = run_mpi(4, job, extra_env={"EDGESHARD_DATA": str(shared_data)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = read_run(tmp_path / "demo.h5")["plan"]["stages"]
+    assert len(stages) >= 2  # the budgets force a cut
+    story = re.search(r"continuation: '(.*)'", proc.stdout).group(1)
+    assert len(re.findall(r"\b[a-z]+\b", story)) >= 10, story  # words, not noise
