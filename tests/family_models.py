@@ -39,6 +39,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     ),
     "llama-noprefix": ("llama", {}),  # tensors saved without the `model.` prefix
+    "llama-sharded": ("llama", {}),  # several safetensors files and an index
+    "llama-rope-yarn": (
+        "llama",
+        dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+    ),
+    "llama-rope-linear": (
+        "llama",
+        dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    ),
     "mistral": ("mistral", dict(sliding_window=5)),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", dict(head_dim=16)),
@@ -119,7 +128,7 @@ def build(name: str, root: Path) -> Path:
     cfg = AutoConfig.for_model(mt, **{**BASE, **kw})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="100KB" if name == "llama-sharded" else "50GB")
     if name == "llama-noprefix":
         from safetensors.torch import load_file, save_file
 

@@ -295,3 +295,58 @@ def test_demo_plans_and_tells_a_story(shared_data, tmp_path):
     assert len(stages) >= 2  # the budgets force a cut
     story = re.search(r"continuation: '(.*)'", proc.stdout).group(1)
     assert len(re.findall(r"\b[a-z]+\b", story)) >= 10, story  # words, not noise
+
+
+def test_profile_smooths_only_within_a_kind_of_layer(ckpt_root):
+    """Gemma 3 alternates sliding and full attention: the profile keeps one time per kind
+    (not one median for all layers), and sampling still times every kind."""
+    from edgeshard_mpi.profile import measure_units
+
+    path = build("gemma3", ckpt_root)
+    spec = resolve(str(path))
+    kinds = [spec.unit_kind(u) for u in range(1, spec.n_units - 1)]
+    assert len(set(kinds)) == 2 and kinds[0] != kinds[1]
+    src = weight_source(str(path), spec, "float32", 0)
+    pre, dec = measure_units(spec, src, "float32", "cpu", 1e9, [1], 8, 16, 0, 2, 1, cold=False)
+    for arr in (pre[0], dec[0]):
+        assert np.isfinite(arr).all()
+        by_kind = {}
+        for u, k in enumerate(kinds, start=1):
+            by_kind.setdefault(k, set()).add(arr[u])
+        assert all(len(v) == 1 for v in by_kind.values())
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama-noprefix", "llama-sharded"])
+def test_a_unit_reads_only_its_own_tensors(name, ckpt_root, monkeypatch):
+    """Per-expert tensors on disk are read for their layer only and fused in memory
+    (transformers' conversion mapping); names without `model.` resolve the same way."""
+    import safetensors
+
+    path = build(name, ckpt_root)
+    spec = resolve(str(path))
+    src = weight_source(str(path), spec, "float32", 0)
+    read, real_open = [], safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    state = src.unit_state(2)
+    assert read and all(".layers.1." in "." + k for k in read), read
+    assert all(k.startswith("model.layers.1.") for k in state)
+    if name == "mixtral":
+        assert any(".experts.3.w1." in k for k in read)  # on disk: one tensor per expert
+        fused = state["model.layers.1.mlp.experts.gate_up_proj"]
+        assert fused.shape[0] == 4  # in memory: all experts in one tensor
