@@ -7,13 +7,14 @@ VENV    ?= .venv
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= mpich,dev,plot
 NP      ?= 4
-JOB     ?= jobs/demo.toml
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # The pip MPICH's launcher when installed, else a system mpiexec (see README).
 MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
 # Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
 export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
+# The demo serves the trained stories260K model when the data folder has it, else a preset.
+JOB     ?= $(if $(wildcard $(EDGESHARD_DATA)/stories260K-hf/config.json),jobs/demo.toml,jobs/demo-synthetic.toml)
 
 .PHONY: install demo test lint bench-overhead bench-planner bench-pipeline bench bench-quick report clean
 

@@ -157,3 +157,13 @@ def load_prompts(wl: WorkloadCfg, tok) -> PromptSet:
         builtin_paragraphs(), tok, wl.prompts, wl.prompt_tokens, wl.seed, "the built-in prompt set"
     )
     return PromptSet("builtin", tok.name, ids, texts, note)
+
+
+def continuation(job, spec, prompt_ids: np.ndarray, generated: np.ndarray) -> str:
+    """The first prompt and what the model wrote after it, decoded (output.show_text)."""
+    tok = load_tokenizer(job.workload.tokenizer, job.model.source, spec.vocab_size)
+    gen = [int(t) for t in generated if t >= 0]
+    return (
+        f"first prompt: {tok.decode([int(t) for t in prompt_ids])!r}\n"
+        f"[rank 0] continuation: {tok.decode(gen)!r}"
+    )

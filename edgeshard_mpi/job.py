@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .presets import DTYPE_BYTES, ModelSpec
+from .presets import DTYPE_BYTES, PRESETS, ModelSpec
 
 STRATEGIES_FIXED = ("explicit", "even")
 STRATEGIES_PLANNED = (
@@ -272,6 +272,8 @@ class OutputCfg:
     """HDF5 file; {name} and {time} are filled in; relative to the current directory."""
     events: bool = True
     """Keep the per-action event log (for timelines and bubble analysis)."""
+    show_text: bool = False
+    """Print the first prompt and its decoded continuation (the demo)."""
 
 
 @dataclass(frozen=True)
@@ -371,8 +373,10 @@ def check_stages(stages: tuple[StageCfg, ...], n_units: int, world_size: int) ->
         )
 
 
-def _model(sec: _Section) -> ModelCfg:
+def _model(sec: _Section, base: Path) -> ModelCfg:
     source = sec.get("source", str, required=True)
+    if source not in PRESETS:  # a model directory: $VARS, ~, relative to the job file
+        source = str(expand_path(source, base, "model.source"))
     dtype = sec.choice("dtype", tuple(DTYPE_BYTES), "float32")
     seed = sec.get("seed", int, 0)
     sec.finish()
@@ -580,7 +584,11 @@ def _runtime(sec: _Section) -> RuntimeCfg:
 
 
 def _output(sec: _Section) -> OutputCfg:
-    out = OutputCfg(path=sec.get("path", str, OutputCfg.path), events=sec.get("events", bool, True))
+    out = OutputCfg(
+        path=sec.get("path", str, OutputCfg.path),
+        events=sec.get("events", bool, True),
+        show_text=sec.get("show_text", bool, False),
+    )
     sec.finish()
     if not out.path.endswith((".h5", ".hdf5")):
         raise JobError(f"output.path: {out.path!r} should end in .h5 (an HDF5 file)")
@@ -619,7 +627,7 @@ def parse_job(text: str, path: Path) -> Job:
         name=name,
         path=path,
         text=text,
-        model=_model(_Section(sections["model"], "model")),
+        model=_model(_Section(sections["model"], "model"), base),
         workload=workload,
         partition=partition,
         pipeline=pipeline,

@@ -1,32 +1,32 @@
-"""A stage: the units [start, end) of a Llama model, built from real transformers modules.
+"""A stage: the units [start, end) of a decoder-only model, built from the family's own
+transformers modules (any family in families.py).
 
 A stage holds the token embedding if it owns unit 0, its decoder layers (each keeps its
 global layer index, which the KV cache is keyed by), and the final norm + lm_head if it owns
-the last unit. It reproduces the unsplit model bitwise: the same modules run on the same
-inputs with the same StaticCache masking.
+the last unit. The modules are deep copies of the parts it owns of the family's XForCausalLM
+built on meta (hf.py); only they are materialised. `forward` does what the family's
+top-level XModel.forward does around the layers (masks per layer type, rotary tables,
+embedding and logit scalings from families.py), so the split model equals the unsplit one.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from transformers import LlamaConfig, StaticCache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-)
+from transformers import StaticCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from . import hf
+from .families import FAMILIES
 from .presets import ModelSpec
 from .weights import DTYPES
 
-
-def hf_config(spec: ModelSpec) -> LlamaConfig:
-    cfg = LlamaConfig(**spec.hf_config_dict())
-    # SDPA is the fastest exact attention on CPU and the default of from_pretrained.
-    cfg._attn_implementation = "sdpa"
-    return cfg
+MASKS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
 
 
 class Stage(nn.Module):
@@ -46,25 +46,43 @@ class Stage(nn.Module):
         if not 0 <= start < end <= spec.n_units:
             raise ValueError(f"bad unit range [{start}, {end}) for {spec.n_units} units")
         self.spec, self.start, self.end = spec, start, end
-        self.config = hf_config(spec)
+        full = hf.skeleton(spec)  # the family's XForCausalLM on meta, shared, never filled
+        self.config = full.config
+        self.family = FAMILIES[self.config.model_type]
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
         # Decoder layer l is unit l + 1.
         self.layer_ids = list(range(max(start, 1) - 1, min(end, spec.n_units - 1) - 1))
-        with torch.device("meta"):
-            self.embed_tokens = (
-                nn.Embedding(spec.vocab_size, spec.hidden_size) if start == 0 else None
-            )
-            self.layers = nn.ModuleList(
-                LlamaDecoderLayer(self.config, layer_idx=i) for i in self.layer_ids
-            )
-            has_head = end == spec.n_units
-            self.norm = LlamaRMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_head else None
-            self.lm_head = (
-                nn.Linear(spec.hidden_size, spec.vocab_size, bias=False) if has_head else None
-            )
-        # The rotary table is computed, not loaded: it must not be built on meta.
-        self.rotary = LlamaRotaryEmbedding(self.config).to(self.device) if self.layer_ids else None
+        base, has_head = full.base_model, end == spec.n_units
+        own = copy.deepcopy  # meta modules: copying costs no memory
+        self.embed_tokens = own(full.get_input_embeddings()) if start == 0 else None
+        self.layers = nn.ModuleList(own(base.layers[i]) for i in self.layer_ids)
+        self.norm = own(base.norm) if has_head else None
+        self.lm_head = own(full.get_output_embeddings()) if has_head else None
+        self.rotary = own(base.rotary_emb) if self.layer_ids else None
+        self._head_dim = base.layers[0].self_attn.head_dim
+        # Each layer's attention kind, as the family's forward picks its mask.
+        types = self.family_layer_types()
+        self.layer_types = [types[i] for i in self.layer_ids]
+        # The model's parameter-name prefixes of the owned parts -> this stage's.
+        where = {id(m): n for n, m in full.named_modules()}
+        self._names = [
+            (where[id(base.layers[i])], f"layers.{k}") for k, i in enumerate(self.layer_ids)
+        ]
+        if self.embed_tokens is not None:
+            self._names.append((where[id(full.get_input_embeddings())], "embed_tokens"))
+        if has_head:
+            self._names += [
+                (where[id(base.norm)], "norm"),
+                (where[id(full.get_output_embeddings())], "lm_head"),
+            ]
+        # Buffers no checkpoint holds (rotary tables, embedding scales): real, computed now.
+        hf.materialize_buffers(full, self, self.device)
         self._aux: dict[tuple, tuple] = {}
+
+    def family_layer_types(self) -> list[str]:
+        from .families import layer_types
+
+        return layer_types(self.config.to_dict())
 
     @property
     def has_embed(self) -> bool:
@@ -74,12 +92,12 @@ class Stage(nn.Module):
     def has_head(self) -> bool:
         return self.lm_head is not None
 
-    def _local_name(self, hf_name: str) -> str:
-        if hf_name.startswith("model.layers."):
-            rest = hf_name[len("model.layers.") :]
-            idx, tail = rest.split(".", 1)
-            return f"layers.{int(idx) - self.layer_ids[0]}.{tail}"
-        return hf_name.removeprefix("model.")
+    def _local_name(self, name: str) -> str:
+        """The model's parameter name (`model.layers.3.mlp.up_proj.weight`) -> this stage's."""
+        for prefix, local in self._names:
+            if name.startswith(prefix + "."):
+                return local + name[len(prefix) :]
+        raise KeyError(f"{name!r} is not a parameter of units [{self.start}, {self.end})")
 
     def load(self, source) -> None:
         """Read exactly this stage's tensors from a weight source."""
@@ -87,7 +105,10 @@ class Stage(nn.Module):
         for unit in range(self.start, self.end):
             for name, tensor in source.unit_state(unit).items():
                 state[self._local_name(name)] = tensor.to(self.device, self.dtype)
-        self.load_state_dict(state, strict=True, assign=True)
+        self.load_state_dict(state, strict=False, assign=True)
+        left = [n for n, p in self.named_parameters() if p.is_meta]
+        if left:
+            raise RuntimeError(f"units [{self.start}, {self.end}): no weights for {left}")
         self.eval()
 
     def weight_bytes(self) -> int:
@@ -98,7 +119,9 @@ class Stage(nn.Module):
         if not self.layer_ids:
             return None
         cache = StaticCache(config=self.config, max_cache_len=context)
-        kvh, hd = self.spec.num_kv_heads, self.spec.head_size
+        cfg = self.config
+        kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        hd = self._head_dim
         shape_probe = torch.empty(batch, kvh, 0, hd, dtype=self.dtype, device=self.device)
         for i in self.layer_ids:
             # Only owned layers get storage; the others stay unallocated placeholders.
@@ -112,6 +135,8 @@ class Stage(nn.Module):
         for layer in cache.layers:
             if layer.is_initialized:
                 layer.cumulative_length.fill_(length)
+                if hasattr(layer, "cumulative_length_int"):  # sliding-window layers
+                    layer.cumulative_length_int = length
 
     @staticmethod
     def cache_bytes(cache: StaticCache | None) -> int:
@@ -126,26 +151,45 @@ class Stage(nn.Module):
     def _mask_and_rotary(
         self, h: torch.Tensor, cache, position_ids: torch.Tensor, start: int | None
     ):
-        """The attention mask and rotary cos/sin for these positions. With a static cache
-        and no padding both depend only on (batch, length, first position), so they are
-        built once per step and reused: the same tensors, hence the same results."""
+        """Per attention kind, the mask and the rotary cos/sin for these positions. With a
+        static cache and no padding both depend only on (batch, length, first position), so
+        they are built once per step and reused: the same tensors, hence the same results."""
         key = (h.shape[0], h.shape[1], start)
         if start is not None and key in self._aux:
             return self._aux[key]
-        # Size the mask against this stage's own first layer: the cache layers of other
-        # stages are empty here, and the default (layer 0) would read as length 0.
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=h,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=self.layer_ids[0],
-        )
-        out = (mask, self.rotary(h, position_ids=position_ids))
+        masks, rotary = {}, {}
+        for kind in dict.fromkeys(self.layer_types):
+            # Size the mask against this stage's own first layer of that kind: the cache
+            # layers of other stages are empty here, and the default (layer 0) would read
+            # as length 0.
+            first = self.layer_ids[self.layer_types.index(kind)]
+            masks[kind] = MASKS[kind](
+                config=self.config,
+                inputs_embeds=h,
+                attention_mask=None,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=first,
+            )
+            if self.family.rotary_per_type:
+                rotary[kind] = self.rotary(h, position_ids, kind)
+            elif not rotary:
+                rotary = dict.fromkeys(self.layer_types, self.rotary(h, position_ids=position_ids))
+        out = (masks, rotary)
         if start is not None:
             self._aux[key] = out
         return out
+
+    def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        fam, cfg = self.family, self.config
+        if fam.logit_multiplier:
+            logits = logits * getattr(cfg, fam.logit_multiplier)
+        if fam.logit_divisor:
+            logits = logits / getattr(cfg, fam.logit_divisor)
+        cap = getattr(cfg, fam.logit_softcap, None) if fam.logit_softcap else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.inference_mode()
     def forward(
@@ -157,20 +201,26 @@ class Stage(nn.Module):
     ) -> torch.Tensor:
         """`start`: the first position, when every row of the batch starts there and the
         cache is static (as in the runtime); it enables reuse of masks and rotary tables."""
-        h = self.embed_tokens(x) if self.has_embed else x  # h: [B, S, H]
+        if self.has_embed:
+            h = self.embed_tokens(x)  # h: [B, S, H]
+            if self.family.embed_multiplier:
+                h = h * getattr(self.config, self.family.embed_multiplier)
+        else:
+            h = x
         if self.layer_ids:
-            mask, pos_emb = self._mask_and_rotary(h, cache, position_ids, start)
-            for layer in self.layers:
+            masks, rotary = self._mask_and_rotary(h, cache, position_ids, start)
+            for layer, kind in zip(self.layers, self.layer_types, strict=True):
                 h = layer(
                     h,
-                    attention_mask=mask,
-                    position_embeddings=pos_emb,
+                    attention_mask=masks[kind],
+                    position_embeddings=rotary[kind],
                     position_ids=position_ids,
                     past_key_values=cache,
                     use_cache=True,
                 )
         if self.has_head:
-            return self.lm_head(self.norm(h[:, -1:]))[:, -1]  # logits: [B, V]
+            logits = self.lm_head(self.norm(h[:, -1:]))[:, -1]  # logits: [B, V]
+            return self._scale_logits(logits)
         return h
 
 
@@ -186,19 +236,19 @@ def position_ids(batch: int, prompt_tokens: int, step: int) -> torch.Tensor:
 
 
 def reference_model(spec: ModelSpec, source, dtype: str = "float32"):
-    """The unsplit transformers LlamaForCausalLM with the same weights (for tests and the
+    """The unsplit transformers XForCausalLM with the same weights (for tests and the
     overhead benchmark)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config(spec))
+        model = AutoModelForCausalLM.from_config(hf.load_config(spec))
     state = {}
     for unit in range(spec.n_units):
         state.update(source.unit_state(unit))
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if spec.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers (rotary inv_freq) were created on meta; rebuild them for real.
-    model.model.rotary_emb = LlamaRotaryEmbedding(model.config)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    # Buffers (rotary inv_freq, embedding scales) were created on meta; rebuild them for real.
+    hf.materialize_buffers(model, model, torch.device("cpu"))
     return model.eval()

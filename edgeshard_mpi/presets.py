@@ -1,4 +1,4 @@
-"""Llama-architecture model shapes: built-in presets and Hugging Face `config.json` files.
+"""Model shapes: built-in Llama presets and Hugging Face `config.json` files of any family.
 
 Pure (no torch): the planner sizes memory and activations from a ModelSpec without ever
 building the model, so offline planning works for 70B on a laptop.
@@ -18,7 +18,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a decoder-only Llama model."""
+    """The shape of a decoder-only model (what the planner needs; the stage itself is built
+    from the checkpoint's own config, see model.py)."""
 
     name: str
     """Preset name or the model directory."""
@@ -40,6 +41,14 @@ class ModelSpec:
     mlp_bias: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    model_type: str = "llama"
+    """The transformers family (families.py); presets are Llama."""
+    unit_param_counts: tuple[int, ...] = ()
+    """Per planning unit, the parameters read from a checkpoint's tensors (every expert of a
+    mixture-of-experts layer; a tied head counts the table again). Empty: from the shapes."""
+    layer_kv_windows: tuple[int, ...] = ()
+    """Per decoder layer: 0 = KV cache over the whole context, w > 0 = at most w tokens
+    (sliding-window attention). Empty: all full."""
 
     @property
     def n_units(self) -> int:
@@ -52,6 +61,8 @@ class ModelSpec:
     def unit_params(self, unit: int) -> int:
         """Parameters a rank must hold to compute `unit` (tied embeddings are held twice
         when the embedding and the head live on different ranks, so count them at both)."""
+        if self.unit_param_counts:
+            return self.unit_param_counts[unit]
         h, v = self.hidden_size, self.vocab_size
         if unit == 0:
             return v * h
@@ -78,7 +89,18 @@ class ModelSpec:
         """The paper's N_a * B_b * (I_m + G_m) for one unit (zero for embedding and head)."""
         if unit == 0 or unit == self.n_units - 1:
             return 0
-        return self.kv_bytes_per_token(dtype) * batch * context
+        window = self.layer_kv_windows[unit - 1] if self.layer_kv_windows else 0
+        held = min(context, window) if window > 0 else context
+        return self.kv_bytes_per_token(dtype) * batch * held
+
+    def unit_kind(self, unit: int) -> str:
+        """Units of the same kind cost the same to run (profile.py smooths within a kind)."""
+        if unit == 0:
+            return "embed"
+        if unit == self.n_units - 1:
+            return "head"
+        window = self.layer_kv_windows[unit - 1] if self.layer_kv_windows else 0
+        return f"layer:{self.unit_params(unit)}:{'sliding' if window else 'full'}"
 
     def activation_bytes(self, batch: int, tokens: int, dtype: str = "float32") -> int:
         """Bytes of the hidden state that crosses a cut between two units."""
@@ -86,7 +108,9 @@ class ModelSpec:
 
     def total_params(self) -> int:
         total = sum(self.unit_params(u) for u in range(self.n_units))
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and self.unit_param_counts:
+            total -= self.unit_params(0)
+        elif self.tie_word_embeddings:
             total -= self.vocab_size * self.hidden_size
         return total
 
@@ -115,6 +139,13 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        for key in ("unit_param_counts", "layer_kv_windows"):
+            d[key] = tuple(d.get(key) or ())
+        return cls(**d)
 
 
 def _llama2(name: str, hidden: int, layers: int, heads: int, kv: int, inter: int) -> ModelSpec:
@@ -147,32 +178,70 @@ PRESETS: dict[str, ModelSpec] = {
 }
 
 
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers only (8-byte length + JSON), so a
+    planner sizes a 70B checkpoint without reading its weights or importing torch."""
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
+    shapes = {}
+    for fname in files:
+        f = path / fname
+        if not f.is_file():
+            return {}
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def _unit_params_from_checkpoint(path: Path, cfg: dict, n_units: int) -> tuple[int, ...]:
+    from .families import unit_of
+
+    shapes = _safetensors_shapes(path)
+    if not shapes:
+        return ()
+    counts = [0] * n_units
+    for name, shape in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        counts[unit_of(name, n_units)] += numel
+    if not any(n.endswith("lm_head.weight") for n in shapes):  # tied: the head reads the table
+        counts[-1] += counts[0]
+    return tuple(counts)
+
+
 def from_hf_config(path: Path) -> ModelSpec:
-    """Read a Hugging Face Llama `config.json` (or the directory holding it)."""
+    """Read a Hugging Face decoder-only `config.json` (or the directory holding it) of any
+    family in families.py; per-unit sizes come from the checkpoint's safetensors headers."""
+    from .families import family, layer_kv_windows
+
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type", "llama") != "llama":
-        raise ValueError(
-            f"{cfg_file}: model_type is {cfg.get('model_type')!r}; only Llama-architecture "
-            "models are supported"
-        )
-    rope = cfg.get("rope_parameters") or {}
+    family(cfg, str(cfg_file))  # refuses unknown families and unsupported fields
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
-        raise ValueError(f"{cfg_file}: only the default RoPE is supported")
     eos = cfg.get("eos_token_id", 2)
     if isinstance(eos, list):
         eos = eos[0]
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
+    n_units = cfg["num_hidden_layers"] + 2
     return ModelSpec(
         name=str(path),
         hidden_size=hidden,
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        intermediate_size=cfg["intermediate_size"],
+        intermediate_size=cfg.get("intermediate_size") or 0,
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
@@ -183,6 +252,9 @@ def from_hf_config(path: Path) -> ModelSpec:
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         bos_token_id=cfg.get("bos_token_id", 1) if cfg.get("bos_token_id") is not None else 1,
         eos_token_id=eos if eos is not None else 2,
+        model_type=cfg.get("model_type", "llama"),
+        unit_param_counts=_unit_params_from_checkpoint(cfg_file.parent, cfg, n_units),
+        layer_kv_windows=layer_kv_windows(cfg),
     )
 
 

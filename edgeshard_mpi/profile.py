@@ -173,6 +173,9 @@ def measure_units(
     if sample_layers and sample_layers < len(layer_units):
         pick = np.linspace(0, len(layer_units) - 1, sample_layers).round().astype(int)
         layer_units = sorted({layer_units[i] for i in pick})
+    # Every kind of layer is timed at least once when sampling.
+    firsts = {spec.unit_kind(u): u for u in reversed(range(1, n - 1))}
+    layer_units = sorted(set(layer_units) | set(firsts.values()))
     units = [0, *layer_units, n - 1]
     for group in _groups(spec, units, dtype, budget):
         stages = {}
@@ -190,16 +193,22 @@ def measure_units(
         if log is not None:
             log(f"units {group[0]}..{group[-1]} timed")
         del stages
-    layers = slice(1, n - 1)
+    # Alike layers get one cost (their spread is noise): the median within each kind
+    # (sliding vs full attention, MoE vs dense, another width); layers of different kinds
+    # keep their own times, and the planner plans over the non-uniform units.
+    kinds: dict[str, list[int]] = {}
+    for u in range(1, n - 1):
+        kinds.setdefault(spec.unit_kind(u), []).append(u)
     for arr in (pre, dec):
-        timed = arr[:, layers]
-        med = np.array(
-            [
-                np.median(row[np.isfinite(row)]) if np.isfinite(row).any() else np.inf
-                for row in timed
-            ]
-        )
-        arr[:, layers] = med[:, None]  # alike layers: one cost (the spread is noise)
+        for members in kinds.values():
+            timed = arr[:, members]
+            med = np.array(
+                [
+                    np.median(row[np.isfinite(row)]) if np.isfinite(row).any() else np.inf
+                    for row in timed
+                ]
+            )
+            arr[:, members] = med[:, None]
     return pre, dec
 
 
@@ -351,7 +360,12 @@ def profile_cluster(
         prefill_s=np.stack([t[0] for t in times], axis=1),
         decode_s=np.stack([t[1] for t in times], axis=1),
         weight_bytes=np.array([spec.unit_weight_bytes(u, dtype) for u in range(n)], float),
-        kv_bytes_per_token=np.array([spec.unit_kv_bytes(u, 1, 1, dtype) for u in range(n)], float),
+        # Per context token on average over this profile's context: a sliding-window layer
+        # holds at most its window, so its share shrinks as the context grows past it.
+        kv_bytes_per_token=np.array(
+            [spec.unit_kv_bytes(u, 1, prompt + new_tokens, dtype) for u in range(n)], float
+        )
+        / (prompt + new_tokens),
         activation_bytes_per_token=act,
         latency_s=lat,
         bandwidth=bw,

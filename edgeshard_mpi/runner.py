@@ -573,6 +573,10 @@ def run_job(job_path: str) -> int:
             f"{pipe['measured_over_predicted']:.0%} of predicted; stage busy "
             + ", ".join(f"{x:.0%}" for x in pipe["busy_fraction"])
         )
+    if job.output.show_text:
+        from .data import continuation
+
+        log.info(continuation(job, spec, prompts.ids[0], record["workload"]["generated_ids"][0]))
     log.info(f"wrote {out}")
     return 0
 

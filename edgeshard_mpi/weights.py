@@ -95,7 +95,8 @@ class SyntheticWeights:
 
 class SafetensorsWeights:
     """A Hugging Face model directory: `model.safetensors`, or shards listed in
-    `model.safetensors.index.json`. Opens only the shards that hold the asked-for tensors."""
+    `model.safetensors.index.json`. Opens only the shards that hold the asked-for tensors and
+    hands them out under the model's parameter names (after transformers' conversion)."""
 
     def __init__(self, path: Path, spec: ModelSpec, dtype: str = "float32"):
         self.path, self.spec, self.dtype = Path(path), spec, DTYPES[dtype]
@@ -120,28 +121,31 @@ class SafetensorsWeights:
                 "the checkpoint to safetensors (transformers: save_pretrained)"
             )
 
-    def _name_for(self, name: str) -> str:
-        if (
-            name == "lm_head.weight"
-            and name not in self.weight_map
-            and (self.spec.tie_word_embeddings or "model.embed_tokens.weight" in self.weight_map)
-        ):
-            return "model.embed_tokens.weight"  # tied embeddings: the head reuses the table
-        return name
+        # Which checkpoint tensors feed which unit, from transformers' own conversion of
+        # the names (a missing `model.` prefix, Mixtral's per-expert w1/w2/w3, ...).
+        from .families import unit_of
+        from .hf import converter
 
-    def unit_state(self, unit: int) -> dict[str, torch.Tensor]:
+        try:
+            self.conv = converter(spec)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        n = spec.n_units
+        self.keys: list[list[str]] = [[] for _ in range(n)]
+        for key in self.weight_map:
+            target, _ = self.conv.target(key)
+            if target in self.conv.meta:
+                self.keys[unit_of(target, n)].append(key)
+        self.tied_head = "lm_head.weight" in self.conv.meta and not any(
+            self.conv.target(k)[0] == "lm_head.weight" for k in self.keys[-1]
+        )
+
+    def _read(self, keys: list[str], unit: int) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        wanted = unit_tensor_shapes(self.spec, unit)
-        by_file: dict[str, list[tuple[str, str]]] = {}
-        for name in wanted:
-            stored = self._name_for(name)
-            if stored not in self.weight_map:
-                raise CheckpointError(
-                    f"{self.path}: tensor {stored!r} (unit {unit}) is missing from the "
-                    "checkpoint; is config.json from the same model?"
-                )
-            by_file.setdefault(self.weight_map[stored], []).append((name, stored))
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
         out = {}
         for fname, names in by_file.items():
             fpath = self.path / fname
@@ -149,13 +153,32 @@ class SafetensorsWeights:
                 raise CheckpointError(f"{fpath}: shard listed in the index is missing")
             try:
                 with safe_open(str(fpath), framework="pt") as f:
-                    for name, stored in names:
-                        out[name] = f.get_tensor(stored)
-            except CheckpointError:
-                raise
+                    for key in names:
+                        out[key] = f.get_tensor(key)
             except Exception as e:
                 raise CheckpointError(f"{fpath}: cannot read tensors ({e})") from None
-        for name, shape in wanted.items():
+        return out
+
+    def unit_names(self, unit: int) -> list[str]:
+        """The model's parameter names of `unit`."""
+        from .families import unit_of
+
+        n = self.spec.n_units
+        return [k for k in self.conv.meta if unit_of(k, n) == unit]
+
+    def unit_state(self, unit: int) -> dict[str, torch.Tensor]:
+        out = self.conv.convert(self._read(self.keys[unit], unit))
+        if unit == self.spec.n_units - 1 and self.tied_head:  # tied: the head reads the table
+            table = self.conv.convert(self._read(self.keys[0], 0))
+            out["lm_head.weight"] = next(v for k, v in table.items() if k.endswith("weight"))
+        out = {k: v for k, v in out.items() if k in self.conv.meta}
+        for name in self.unit_names(unit):
+            if name not in out:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} (unit {unit}) is missing from the "
+                    "checkpoint; is config.json from the same model?"
+                )
+            shape = tuple(self.conv.meta[name])
             if tuple(out[name].shape) != shape:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has shape {tuple(out[name].shape)}, "

@@ -83,6 +83,19 @@ def test_relative_paths_are_relative_to_the_job_file(tmp_path):
     assert job.workload.dataset == (tmp_path / "sub" / "data" / "w.raw").resolve()
 
 
+def test_model_source_expands_variables_and_is_relative_to_the_job_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESHARD_TEST_DATA", str(tmp_path / "data"))
+    job = parse_job('[model]\nsource = "${EDGESHARD_TEST_DATA}/m"\n', tmp_path / "job.toml")
+    assert job.model.source == str(tmp_path / "data" / "m")
+    job = parse_job('[model]\nsource = "models/m"\n', tmp_path / "sub" / "job.toml")
+    assert job.model.source == str((tmp_path / "sub" / "models" / "m").resolve())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_job('[model]\nsource = "~/m"\n', tmp_path / "j.toml").model.source == str(
+        tmp_path / "m"
+    )
+    assert parse_job('[model]\nsource = "tiny"\n', tmp_path / "j.toml").model.source == "tiny"
+
+
 def _explicit(stages: str):
     return parse(
         f'[model]\nsource = "tiny"\n[partition]\nstrategy = "explicit"\nstages = {stages}\n'

@@ -231,7 +231,7 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         )
     try:
         model = d["model"]
-        spec = PRESETS[model] if isinstance(model, str) else ModelSpec(**model)
+        spec = PRESETS[model] if isinstance(model, str) else ModelSpec.from_dict(model)
         dtype = d.get("dtype", "float32")
         batches = tuple(int(b) for b in d.get("batch_sizes", [1]))
         types = d.get("device_types", {})
