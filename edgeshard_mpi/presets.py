@@ -151,7 +151,24 @@ def from_hf_config(path: Path) -> ModelSpec:
     """Read a Hugging Face Llama `config.json` (or the directory holding it)."""
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: not a readable JSON file ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object of model settings")
+    try:
+        return _spec_from_config(cfg, path, cfg_file)
+    except KeyError as e:
+        raise ValueError(
+            f"{cfg_file}: missing {e.args[0]!r}; this config.json is incomplete (copy the "
+            "model's own config.json)"
+        ) from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{cfg_file}: a value has the wrong type or is zero ({e})") from None
+
+
+def _spec_from_config(cfg: dict, path: Path, cfg_file: Path) -> ModelSpec:
     if cfg.get("model_type", "llama") != "llama":
         raise ValueError(
             f"{cfg_file}: model_type is {cfg.get('model_type')!r}; only Llama-architecture "
@@ -166,6 +183,16 @@ def from_hf_config(path: Path) -> ModelSpec:
         eos = eos[0]
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+    ):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+            raise ValueError(f"{key} = {v!r} must be a positive integer")
     return ModelSpec(
         name=str(path),
         hidden_size=hidden,

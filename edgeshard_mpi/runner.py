@@ -65,15 +65,13 @@ def output_path(job: Job) -> Path:
 
 
 def _check_writable(path: Path, fresh: bool = True) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    from .outfiles import writable_folder
+
+    why = writable_folder(path.parent)  # creates nothing: a refused run leaves no folder
+    if why:
         raise JobError(
-            f"output.path: cannot write in {path.parent} ({e.strerror}); choose a writable folder"
-        ) from None
+            f"output.path: cannot write in {path.parent} ({why}); choose a writable folder"
+        )
     if fresh and path.exists():
         raise JobError(
             f"output.path: {path} already exists; results are never overwritten, "
@@ -237,9 +235,13 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
         except CheckpointError as e:  # raised alike on every rank
             raise UserError(str(e)) from None
         if tp.rank == 0 and cfg.save and out is not None:
+            from .outfiles import OutputError
+
             path = Path(cfg.save.format(output=str(out.with_suffix(""))))
-            prof.save(path)
-            log.info(f"profile: saved {path}")
+            try:
+                log.info(f"profile: saved {prof.save(path)}")
+            except OutputError as e:  # the run goes on: the profile is also in its file
+                log.info(f"note: profile not saved: {e.strerror}")
     overrides = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
     if overrides:
         budget = prof.memory_budget.copy()
@@ -559,7 +561,13 @@ def run_job(job_path: str) -> int:
     record["attrs"]["emulation"] = emulation
     if tb is not None:
         record["attrs"]["testbed"] = tb.to_dict()
-    write_run(out, record)
+    from .outfiles import OutputError
+
+    try:
+        written = write_run(out, record)
+    except OutputError as e:
+        log.error(f"results not written: {e.strerror}; free space or fix output.path and run again")
+        return EXIT_USER_ERROR
     log.info(
         f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
         f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "
@@ -573,7 +581,8 @@ def run_job(job_path: str) -> int:
             f"{pipe['measured_over_predicted']:.0%} of predicted; stage busy "
             + ", ".join(f"{x:.0%}" for x in pipe["busy_fraction"])
         )
-    log.info(f"wrote {out}")
+    taken = f" ({out.name} was taken by another run)" if written != out else ""
+    log.info(f"wrote {written}{taken}")
     return 0
 
 
@@ -589,6 +598,8 @@ def profile_job(job_path: str, out_path: str | None) -> int:
     log = Log(tp.rank)
     try:
         job, spec, _, out = _setup(job_path, tp, need_prompts=False)
+        if out_path and Path(out_path).exists():
+            raise UserError(f"--out: {out_path} already exists; profiles are never overwritten")
         tb, _ = _testbed(job, tp)
         devices, device = _devices(job, tp, tb)
         job = replace(
@@ -602,8 +613,14 @@ def profile_job(job_path: str, out_path: str | None) -> int:
             log.error(line)
         return EXIT_USER_ERROR
     if tp.rank == 0:
+        from .outfiles import OutputError
+
         path = Path(out_path) if out_path else out.with_suffix(".profile.json")
-        prof.save(path)
+        try:
+            path = prof.save(path, rename_ok=not out_path)
+        except OutputError as e:
+            log.error(f"profile not written: {e.strerror}")
+            return EXIT_USER_ERROR
         log.info(f"wrote {path}")
     return 0
 
