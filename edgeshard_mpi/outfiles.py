@@ -10,6 +10,7 @@ so a run refused at start-up leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -17,6 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 MAX_TRIES = 1000
+_in_flight: set[str] = set()
+"""Temporary files being written now: removed by abandon() when the process must die."""
+
+
+def abandon() -> None:
+    """Remove every half-written file of this process (called before a forced exit)."""
+    for tmp in list(_in_flight):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 class OutputError(OSError):
@@ -69,6 +79,7 @@ def publish(write: Callable[[Path], None], path: Path, *, rename_ok: bool = True
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        _in_flight.add(tmp)
     except OSError as e:
         raise OutputError(e.errno, f"cannot create a file in {path.parent}: {e.strerror}") from None
     try:
@@ -92,6 +103,7 @@ def publish(write: Callable[[Path], None], path: Path, *, rename_ok: bool = True
         raise OutputError(getattr(e, "errno", None), f"cannot write {path}: {why}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+        _in_flight.discard(tmp)
 
 
 def inside(folder: Path, path: Path) -> bool:

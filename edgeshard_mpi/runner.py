@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import watchdog
 from .job import Job, JobError, load_job
 
 EXIT_USER_ERROR = 2
@@ -230,10 +231,12 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
         log.info(f"profile: reusing {cfg.reuse}")
     else:
         log.info("profile: timing every unit on every rank, then every link")
+        frozen = watchdog.disturbances()
         try:
             prof = _measure(job, spec, devices, device, tp, log, cfg, wl)
         except CheckpointError as e:  # raised alike on every rank
             raise UserError(str(e)) from None
+        _agree(tp, watchdog.disturbed_since(frozen))  # a stall would skew the plan
         if tp.rank == 0 and cfg.save and out is not None:
             from .outfiles import OutputError
 
@@ -487,6 +490,16 @@ def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Dec
     return res, shape
 
 
+def _watchdog(tp):
+    """The stall watchdog of this rank (watchdog.py), started before any collective."""
+    import socket
+
+    watchdog.die_with_launcher()
+    wd = watchdog.Watchdog(tp.comm, watchdog.DEFAULT_LIMIT_S, socket.gethostname())
+    wd.start()
+    return wd
+
+
 def run_job(job_path: str) -> int:
     """Run one job under MPI; returns the process exit status."""
     from mpi4py import MPI
@@ -495,8 +508,10 @@ def run_job(job_path: str) -> int:
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
+    wd = _watchdog(tp)
     try:
         job, spec, prompts, out = _setup(job_path, tp)
+        wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
         tp.poll_min = job.runtime.poll_min_us * 1e-6
         tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
@@ -504,9 +519,14 @@ def run_job(job_path: str) -> int:
         tb, emulation = _testbed(job, tp)
         if tb is not None:
             log.info(f"testbed {tb.name}: {tb.n} devices, emulated by the {emulation}")
+        watchdog.phase("devices")
         devices, device = _devices(job, tp, tb)
+        watchdog.phase("profile")
         prof = _profile(job, spec, devices, device, tp, log, out)
+        watchdog.phase("plan")
         plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
+        step = (predicted or {}).get("per_token_s")
+        wd.set_limit(watchdog.auto_limit(step, job.runtime.stall_timeout_s))
         log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
         if job.pipeline.pipelined:
             pred = (dec.pipeline or {}).get("prediction")
@@ -520,10 +540,13 @@ def run_job(job_path: str) -> int:
                 f"predicted: {predicted['per_token_s'] * 1e3:.2f} ms/token, "
                 f"{predicted['tokens_per_s']:.1f} tokens/s"
             )
+        watchdog.phase("load")
         stages, load_s = _load(job, spec, plan, device, tp)
+        watchdog.phase("infer")
         res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log, dec)
         res.load_s = load_s
     except UserError as e:
+        wd.stop()
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
@@ -535,8 +558,10 @@ def run_job(job_path: str) -> int:
             flush=True,
         )
         raise
+    watchdog.phase("gather")
     results = tp.gather(res)
     hosts = tp.gather(devices[tp.rank].host)
+    wd.stop()  # every rank passes here; rank 0's write must not ping ranks that left
     if tp.rank != 0:
         return 0
     from .metrics import build_record, summarize, write_run
@@ -596,8 +621,10 @@ def profile_job(job_path: str, out_path: str | None) -> int:
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
+    wd = _watchdog(tp)
     try:
         job, spec, _, out = _setup(job_path, tp, need_prompts=False)
+        wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
         if out_path and Path(out_path).exists():
             raise UserError(f"--out: {out_path} already exists; profiles are never overwritten")
         tb, _ = _testbed(job, tp)
@@ -607,11 +634,16 @@ def profile_job(job_path: str, out_path: str | None) -> int:
             profile=replace(job.profile, reuse=None, save=None),
             partition=replace(job.partition, strategy="edgeshard"),
         )
+        watchdog.phase("profile")
         prof = _profile(job, spec, devices, device, tp, log, out)
+        watchdog.phase("gather")
+        tp.quiet_barrier()
     except UserError as e:
+        wd.stop()
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
+    wd.stop()
     if tp.rank == 0:
         from .outfiles import OutputError
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import emulation
+from . import emulation, watchdog
 from . import schedule as sch
 from .model import Stage, first_position, position_ids
 
@@ -145,6 +145,7 @@ class Runtime:
                 self._send(a, self._outputs.pop((a.stage, a.slot)))
                 res.send_s += time.perf_counter() - t_start
             res.actions += 1
+            watchdog.beat()
             self.tp.progress()
             if events is not None:
                 events[n_events] = (
