@@ -179,6 +179,7 @@ def _devices(job: Job, tp, tb=None):
     """Step 2 (devices): every rank describes itself; all get the table."""
     import torch
 
+    from . import model  # noqa: F401  (imported now: the start-up footprint includes it)
     from .cluster import describe_devices, local_view
 
     view = local_view()
@@ -402,23 +403,14 @@ SLOT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
 
 def _check_memory(plan, spec, job: Job, devices, batch: int, slots: int) -> None:
     """A plan whose shard exceeds a rank's budget fails now, with the numbers, instead of
-    being killed by the OS half-way through."""
-    wl, dt = job.workload, job.model.dtype
-    need: dict[int, float] = {}
-    for st in plan.stages:
-        need[st.rank] = need.get(st.rank, 0.0) + sum(
-            spec.unit_weight_bytes(u, dt) + slots * spec.unit_kv_bytes(u, batch, wl.context, dt)
-            for u in range(st.start, st.end)
-        )
-    for rank, bytes_ in need.items():
-        budget = devices[rank].memory_budget
-        if bytes_ > budget:
-            raise UserError(
-                f"rank {rank} ({devices[rank].name}) would hold {bytes_ / 1e9:.2f} GB (weights + "
-                f"KV cache) but its memory budget is {budget / 1e9:.2f} GB "
-                f"({devices[rank].memory_source}); give it fewer layers, use more ranks, or set "
-                "cluster.devices memory if the budget is wrong"
-            )
+    being killed by the OS half-way through (memcheck.py: weights, KV caches, buffers,
+    activations, logits; a cgroup budget is net of the runtime measured at start-up)."""
+    from .memcheck import check
+
+    wl = job.workload
+    err = check(plan, spec, job.model.dtype, devices, batch, wl.prompt_tokens, wl.context, slots)
+    if err:
+        raise UserError(err)
 
 
 def _load(job: Job, spec, plan, device, tp):
