@@ -16,11 +16,19 @@ app = typer.Typer(
 
 
 @app.command()
-def run(job: Annotated[Path, typer.Argument(help="job file (TOML)")]) -> None:
+def run(
+    job: Annotated[Path, typer.Argument(help="job file (TOML)")],
+    resume: Annotated[
+        str | None, typer.Option(help="journal of a killed run to continue (<out>.h5.journal)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="device name the plan must leave out (repeatable)")
+    ] = None,
+) -> None:
     """Run a job under MPI: mpiexec -n M python -m mpi4py -m edgeshard_mpi run JOB."""
     from .runner import finish, run_job
 
-    finish(run_job(str(job)))
+    finish(run_job(str(job), resume, tuple(exclude or ())))
 
 
 @app.command()

@@ -438,33 +438,56 @@ def _load(job: Job, spec, plan, device, tp):
     return stages, time.perf_counter() - t0
 
 
-def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Decision):
+def _infer(
+    job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Decision, out, book=None
+):
     """Step 6 (infer): micro-batches of prompts walk the chain, one at a time (sequential)
-    or several in flight (pipeline)."""
+    or several in flight (pipeline). Rank 0 journals each finished group (resume.py) and,
+    resuming (`book`: the killed run's journal), runs only the groups it lacks."""
     from . import schedule as sch
-    from .runtime import Runtime, Workload
+    from .resume import Journal, ResumeError, header_for
+    from .runtime import EVENT_DTYPE, RankResult, Runtime, Workload
 
     wl = job.workload
     b, groups = dec.micro_batch_size, wl.prompts // dec.micro_batch_size
-    shape = sch.Shape(groups=groups, slots=dec.micro_batches, steps=wl.new_tokens)
-    feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
     eos = spec.eos_token_id if wl.eos_token_id is None else wl.eos_token_id
-    runtime = Runtime(
-        tp,
-        [st.rank for st in plan.stages],
-        stages,
-        shape,
-        dec.order,
-        Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
-        device,
-        record_events=job.output.events,
-    )
-    memory = runtime.memory_bytes()
+    journal, todo, err = book, None, None
+    if tp.rank == 0:
+        try:
+            header = header_for(job, spec, prompts.ids, b, eos)
+            if book is not None:
+                book.check_matches(header)
+                book.reopen()
+            else:
+                journal, out = Journal.create(out, header)
+            todo = journal.todo(groups)
+        except (ResumeError, OSError) as e:
+            err = str(e) if isinstance(e, ResumeError) else f"output.path: journal: {e}"
+    _agree(tp, err)
+    todo = tp.bcast(todo)
+    if tp.rank == 0:
+        what = f"{groups - len(todo)} of {groups} groups done, " if book is not None else ""
+        log.info(f"journal: {journal.path} ({what}resume a killed run with --resume it)")
+    shape = sch.Shape(groups=groups, slots=dec.micro_batches, steps=wl.new_tokens)
+    feed = prompts.ids.reshape(groups, b, wl.prompt_tokens)[todo] if tp.rank == 0 else None
+    finished = [groups - len(todo)]
 
     def on_group_done(group: int, res) -> None:
+        try:
+            journal.append(
+                todo[group], res.tokens[group], res.token_time[group], res.group_start[group]
+            )
+        except OSError as e:  # one line, then end the job: the journal keeps what is done
+            log.error(
+                f"results disk: cannot journal group {todo[group]} ({e.strerror}); the "
+                f"{len(journal.done) + finished[0] - (groups - len(todo))} group(s) before it "
+                f"are in {journal.path}: free space, then resume with --resume {journal.path}"
+            )
+            tp.comm.Abort(EXIT_USER_ERROR)
         n = int(np.sum(res.tokens[group] >= 0))
         dt = np.nanmax(res.token_time[group]) - res.group_start[group]
-        done = group + 1
+        finished[0] += 1
+        done = finished[0]
         if log.tty:
             log.progress(f"prompts {done * b}/{groups * b}  {n / dt:.1f} tokens/s")
         elif groups <= 64 or done % max(1, groups // 32) == 0 or done == groups:
@@ -473,13 +496,35 @@ def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Dec
                 f"({dt / max(n // b, 1) * 1e3:.1f} ms/token)"
             )
 
-    t0 = tp.sync_clock()
-    res = runtime.run(t0, on_group_done)
+    if todo:
+        runtime = Runtime(
+            tp,
+            [st.rank for st in plan.stages],
+            stages,
+            sch.Shape(groups=len(todo), slots=dec.micro_batches, steps=wl.new_tokens),
+            dec.order,
+            Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
+            device,
+            record_events=job.output.events,
+        )
+        memory = runtime.memory_bytes()
+        t0 = tp.sync_clock()
+        res = runtime.run(t0, on_group_done)
+    else:  # everything was journaled: only the file is left to write
+        memory = dict.fromkeys(("weights", "kv_cache", "buffers"), 0)
+        res = RankResult(rank=tp.rank, events=np.zeros(0, dtype=EVENT_DTYPE))
+        if tp.rank == 0:
+            res.tokens = np.zeros((0, b, wl.new_tokens), dtype=np.int64)
+            res.token_time, res.group_start = np.zeros((0, wl.new_tokens)), np.zeros(0)
     if log.tty and tp.rank == 0:
         print(flush=True)
+    if tp.rank == 0:
+        journal.close()
+        journal.merge(res, todo, groups, b, wl.new_tokens)
+        res.resumed_groups = sorted(journal.done)
     res.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res.memory = memory
-    return res, shape
+    return res, shape, out, journal
 
 
 def _watchdog(tp):
@@ -492,8 +537,29 @@ def _watchdog(tp):
     return wd
 
 
-def run_job(job_path: str) -> int:
-    """Run one job under MPI; returns the process exit status."""
+def _open_resume(path: str | None, tp):
+    """--resume JOURNAL: rank 0 reads the killed run's journal (None elsewhere)."""
+    from .resume import Journal, ResumeError, journal_path, output_of
+
+    if path is None:
+        return None
+    book, err = None, None
+    if tp.rank == 0:
+        try:
+            p = Path(path)
+            p = p if p.name.endswith(".journal") else journal_path(p)
+            if output_of(p).exists():
+                raise ResumeError(f"--resume: {output_of(p)} exists: that run is complete")
+            book = Journal.read(p)
+        except ResumeError as e:
+            err = str(e)
+    _agree(tp, err)
+    return book
+
+
+def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] = ()) -> int:
+    """Run one job under MPI; returns the process exit status. `resume`: the journal of a
+    killed run of this job; `exclude`: device names the plan must leave out."""
     from mpi4py import MPI
 
     from .comm import Transport
@@ -504,6 +570,11 @@ def run_job(job_path: str) -> int:
     try:
         job, spec, prompts, out = _setup(job_path, tp)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
+        book = _open_resume(resume, tp)
+        if book is not None:
+            from .resume import output_of
+
+            out = output_of(book.path)
         tp.poll_min = job.runtime.poll_min_us * 1e-6
         tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
@@ -513,8 +584,15 @@ def run_job(job_path: str) -> int:
             log.info(f"testbed {tb.name}: {tb.n} devices, emulated by the {emulation}")
         watchdog.phase("devices")
         devices, device = _devices(job, tp, tb)
+        from . import resume as rs
+
+        try:
+            excluded = rs.excluded_ranks(devices, exclude)
+            job = rs.exclude_from_job(job, excluded, tp.size)
+        except rs.ResumeError as e:  # the same verdict on every rank
+            raise UserError(str(e)) from None
         watchdog.phase("profile")
-        prof = _profile(job, spec, devices, device, tp, log, out)
+        prof = rs.exclude_from_profile(_profile(job, spec, devices, device, tp, log, out), excluded)
         watchdog.phase("plan")
         plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
         step = (predicted or {}).get("per_token_s")
@@ -535,7 +613,9 @@ def run_job(job_path: str) -> int:
         watchdog.phase("load")
         stages, load_s = _load(job, spec, plan, device, tp)
         watchdog.phase("infer")
-        res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log, dec)
+        res, shape, out, journal = _infer(
+            job, spec, prompts, plan, stages, device, tp, log, dec, out, book
+        )
         res.load_s = load_s
     except UserError as e:
         wd.stop()
@@ -576,6 +656,8 @@ def run_job(job_path: str) -> int:
         dec,
     )
     record["attrs"]["emulation"] = emulation
+    if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
+        record["attrs"]["resumed_groups"] = list(src.resumed_groups)
     if tb is not None:
         record["attrs"]["testbed"] = tb.to_dict()
     from .outfiles import OutputError
@@ -583,8 +665,12 @@ def run_job(job_path: str) -> int:
     try:
         written = write_run(out, record)
     except OutputError as e:
-        log.error(f"results not written: {e.strerror}; free space or fix output.path and run again")
+        log.error(
+            f"results not written: {e.strerror}; every group is in {journal.path}: free "
+            f"space, then `edgeshard-mpi run JOB --resume {journal.path}` writes the file"
+        )
         return EXIT_USER_ERROR
+    journal.remove()
     log.info(
         f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
         f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "

@@ -60,6 +60,8 @@ class RankResult:
     group_start: np.ndarray | None = None
     """[groups] seconds from t0 when the group's prefill started."""
     stage_compute_s: dict = field(default_factory=dict)
+    resumed_groups: list = field(default_factory=list)
+    """Source rank, resumed runs: groups whose tokens came from the journal."""
 
 
 class Runtime:
