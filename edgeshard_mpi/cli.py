@@ -16,11 +16,19 @@ app = typer.Typer(
 
 
 @app.command()
-def run(job: Annotated[Path, typer.Argument(help="job file (TOML)")]) -> None:
+def run(
+    job: Annotated[Path, typer.Argument(help="job file (TOML)")],
+    resume: Annotated[
+        str | None, typer.Option(help="journal of a killed run to continue (<out>.h5.journal)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="device name the plan must leave out (repeatable)")
+    ] = None,
+) -> None:
     """Run a job under MPI: mpiexec -n M python -m mpi4py -m edgeshard_mpi run JOB."""
     from .runner import finish, run_job
 
-    finish(run_job(str(job)))
+    finish(run_job(str(job), resume, tuple(exclude or ())))
 
 
 @app.command()
@@ -125,6 +133,8 @@ def hosts(hostfile: Path, n: Annotated[int, typer.Option("-n", help="ranks")] = 
     try:
         fmt, entries = parse_hostfile(hostfile)
         total = sum(e.slots for e in entries)
+        if n < 0:
+            raise HostfileError(f"-n {n}: give a number of ranks >= 1 (0: every slot)")
         placement = block_placement(entries, n or total)
     except HostfileError as e:
         typer.echo(f"error: {e}", err=True)
@@ -146,7 +156,7 @@ def report(
 
     try:
         path = write_report(results, out)
-    except FileNotFoundError as e:
+    except OSError as e:  # no run files; --out not a writable folder
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")
@@ -219,11 +229,19 @@ def testbed_launch(
     from .testbed import MPI_TCP_ENV, launch_argv
 
     tb = _load_testbed(testbed)
+    if command not in ("run", "profile"):
+        typer.echo(f"error: --command {command!r}: use run or profile", err=True)
+        raise typer.Exit(2)
+    if not job.is_file():
+        typer.echo(f"error: job file {str(job)!r} not found (looked in {Path.cwd()})", err=True)
+        raise typer.Exit(2)
     local = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
     argv = launch_argv(tb, str(job.resolve()), mpiexec, sys.executable, command)
+    # `env VAR=... mpiexec ...`: the line works typed, pasted, or run as $(...) (where
+    # VAR=value words would be taken for a command name).
     env = " ".join(f"{k}={v}" for k, v in MPI_TCP_ENV.items())
-    typer.echo(f"{env} {shlex.join(argv)}")
+    typer.echo(f"env {env} {shlex.join(argv)}")
 
 
 @testbed_app.command("list")

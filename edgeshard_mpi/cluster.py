@@ -19,6 +19,10 @@ class HostfileError(ValueError):
     pass
 
 
+MAX_SLOTS = 4096
+"""Slots of one hostfile line; more is a typo (a huge count once exhausted the host)."""
+
+
 @dataclass(frozen=True)
 class HostEntry:
     host: str
@@ -31,7 +35,17 @@ def parse_hostfile(path: str | Path) -> tuple[str, list[HostEntry]]:
     if not path.is_file():
         raise HostfileError(f"hostfile {str(path)!r} not found")
     entries, kinds = [], set()
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
+    try:
+        data = path.read_bytes()
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data[:1], 0, 1, "NUL byte")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HostfileError(
+            f"hostfile {str(path)!r} is not a text file ({e}); write one 'host:N' or "
+            "'host slots=N' per line"
+        ) from None
+    for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -59,15 +73,26 @@ def parse_hostfile(path: str | Path) -> tuple[str, list[HostEntry]]:
         raise HostfileError(f"{path}: mixes MPICH 'host:N' and Open MPI 'slots=N' lines")
     if any(e.slots < 1 for e in entries):
         raise HostfileError(f"{path}: every host needs at least one slot")
+    big = next((e for e in entries if e.slots > MAX_SLOTS), None)
+    if big is not None:
+        raise HostfileError(
+            f"{path}: {big.host} has {big.slots} slots; at most {MAX_SLOTS} ranks fit on one "
+            "host, fix the number"
+        )
     return (kinds.pop() if kinds else "either"), entries
 
 
 def block_placement(entries: list[HostEntry], n: int) -> list[str]:
     """Host of each rank when ranks fill the hostfile in order (both launchers' default)."""
-    hosts = [e.host for e in entries for _ in range(e.slots)]
-    if n > len(hosts):
-        raise HostfileError(f"{n} ranks but the hostfile has {len(hosts)} slots")
-    return hosts[:n]
+    total = sum(e.slots for e in entries)
+    if n > total:
+        raise HostfileError(f"{n} ranks but the hostfile has {total} slots")
+    hosts: list[str] = []
+    for e in entries:  # only n names, whatever the slot counts say
+        hosts += [e.host] * min(e.slots, n - len(hosts))
+        if len(hosts) == n:
+            break
+    return hosts
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import watchdog
+
 _PR_SET_TIMERSLACK = 29
 
 
@@ -124,9 +126,10 @@ class Transport:
             return 0.0
         t0 = time.perf_counter()
         delay = self.poll_min
-        while not req.Test(status):
-            time.sleep(delay)
-            delay = min(delay * 2, self.poll_max)
+        with watchdog.waiting():
+            while not req.Test(status):
+                time.sleep(delay)
+                delay = min(delay * 2, self.poll_max)
         return time.perf_counter() - t0
 
     def quiet_barrier(self, max_sleep_s: float = 2e-3) -> None:
@@ -134,9 +137,10 @@ class Transport:
         busy for a long time (loading, profiling), so the collective itself is instant."""
         req = self.comm.Ibarrier()
         delay = self.poll_min
-        while not req.Test():
-            time.sleep(delay)
-            delay = min(delay * 2, max_sleep_s)
+        with watchdog.waiting():
+            while not req.Test():
+                time.sleep(delay)
+                delay = min(delay * 2, max_sleep_s)
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Seconds to add to this rank's perf_counter to read rank 0's clock.

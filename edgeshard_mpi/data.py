@@ -79,7 +79,13 @@ def load_tokenizer(setting: str, model_source: str, vocab_size: int):
                 f"workload.tokenizer: {setting!r} not found; give a SentencePiece "
                 ".model file, 'auto' or 'bytes'"
             )
-        tok = SentencePieceTokenizer(path)
+        try:
+            tok = SentencePieceTokenizer(path)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad file
+            raise JobError(
+                f"workload.tokenizer: {setting} is not a SentencePiece model "
+                f"({str(e).splitlines()[0][:120]}); give a tokenizer.model, 'auto' or 'bytes'"
+            ) from None
     if tok.vocab_size > vocab_size:
         raise JobError(
             f"workload.tokenizer: {tok.name} has {tok.vocab_size} tokens but the model's "
@@ -104,7 +110,17 @@ class PromptSet:
 def wikitext_paragraphs(path: Path) -> list[str]:
     """Paragraphs of a WikiText raw file: non-empty lines that are not ' = Heading = '."""
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        raw = path.read_bytes()
+        if b"\0" in raw[:65536]:
+            raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte: a binary file")
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(
+            f"workload.dataset: {path} is not a UTF-8 text file ({e.__class__.__name__}: "
+            f"{getattr(e, 'reason', None) or e}); point it at WikiText-2's wiki.test.raw"
+        ) from None
+    for line in text.splitlines():
         s = line.strip()
         if s and not (s.startswith("=") and s.endswith("=")):
             out.append(s)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import bounds
 from .presets import DTYPE_BYTES, PRESETS, ModelSpec
 
 STRATEGIES_FIXED = ("explicit", "even")
@@ -264,6 +265,10 @@ class RuntimeCfg:
     check_memory: bool = True
     """Refuse a plan that exceeds a device's memory budget before loading (off: load it
     anyway, e.g. to watch a testbed's memory limit stop it)."""
+    stall_timeout_s: float | None = None
+    """A rank that sees no progress on any rank for this long ends the job, naming the
+    stalled rank (watchdog.py); None ("auto"): 20x the plan's predicted step time, at least
+    120 s (300 s before the plan is known: profiling and loading)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,13 @@ class Job:
     def check_context(self, world_size: int, spec: ModelSpec) -> None:
         """Checks that need the MPI world and the model shape."""
         wl = self.workload
+        eos = spec.eos_token_id if wl.eos_token_id is None else wl.eos_token_id
+        if wl.stop_at_eos and not 0 <= eos < spec.vocab_size:
+            field = "workload.eos_token_id" if wl.eos_token_id is not None else "the model's eos"
+            raise JobError(
+                f"{field} = {eos} is not a token of the model (0..{spec.vocab_size - 1}), so "
+                "stop_at_eos would never stop; give the model's EOS id or drop stop_at_eos"
+            )
         if wl.context > spec.max_position_embeddings:
             raise JobError(
                 f"workload: prompt_tokens + new_tokens = {wl.context} exceeds the model's "
@@ -378,7 +390,7 @@ def _model(sec: _Section, base: Path) -> ModelCfg:
     if source not in PRESETS:  # a model directory: $VARS, ~, relative to the job file
         source = str(expand_path(source, base, "model.source"))
     dtype = sec.choice("dtype", tuple(DTYPE_BYTES), "float32")
-    seed = sec.get("seed", int, 0)
+    seed = bounds.int_in(sec.get("seed", int, 0), 0, bounds.MAX_SEED, "model.seed")
     sec.finish()
     return ModelCfg(source=source, dtype=dtype, seed=seed)
 
@@ -410,7 +422,7 @@ def _workload(sec: _Section, base: Path) -> WorkloadCfg:
         new_tokens=sec.positive("new_tokens", 96),
         prompts=sec.positive("prompts", 4),
         batch_size=sec.positive("batch_size", 1),
-        seed=sec.get("seed", int, 0),
+        seed=bounds.int_in(sec.get("seed", int, 0), 0, bounds.MAX_SEED, "workload.seed"),
         stop_at_eos=sec.get("stop_at_eos", bool, False),
         eos_token_id=sec.get("eos_token_id", int, None),
     )
@@ -483,6 +495,8 @@ def _partition(sec: _Section, pipelined: bool) -> PartitionCfg:
 
 def _profile(sec: _Section, base: Path) -> ProfileCfg:
     reuse = sec.get("reuse", str, None)
+    if sec.data.get("save"):
+        bounds.check_template(str(sec.data["save"]), "profile.save", {"output"})
     cfg = ProfileCfg(
         reuse=None if reuse is None else expand_path(reuse, base, "profile.reuse"),
         save=sec.get("save", str, ProfileCfg.save) or None,
@@ -576,11 +590,26 @@ def _runtime(sec: _Section) -> RuntimeCfg:
         poll_min_us=sec.get("poll_min_us", float, 20.0),
         poll_max_us=sec.get("poll_max_us", float, 100.0),
         check_memory=sec.get("check_memory", bool, True),
+        stall_timeout_s=_auto_float(sec, "stall_timeout_s"),
     )
     sec.finish()
+    bounds.int_in(rt.threads, 0, bounds.MAX_THREADS, "runtime.threads", "0 = one per core")
+    for key in ("poll_min_us", "poll_max_us"):
+        bounds.float_in(getattr(rt, key), bounds.MIN_POLL_US, bounds.MAX_POLL_US, f"runtime.{key}")
     if not 0 < rt.poll_min_us <= rt.poll_max_us:
         raise JobError("runtime: need 0 < poll_min_us <= poll_max_us")
+    if rt.stall_timeout_s is not None:
+        bounds.float_in(rt.stall_timeout_s, 1.0, bounds.MAX_STALL_S, "runtime.stall_timeout_s")
     return rt
+
+
+def _auto_float(sec: _Section, key: str) -> float | None:
+    value = sec.get(key, (float, str), "auto")
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        raise JobError(f'{sec.name}.{key}: a number of seconds or "auto", got {value!r}')
+    return value
 
 
 def _output(sec: _Section) -> OutputCfg:
@@ -590,6 +619,7 @@ def _output(sec: _Section) -> OutputCfg:
         show_text=sec.get("show_text", bool, False),
     )
     sec.finish()
+    bounds.check_template(out.path, "output.path")
     if not out.path.endswith((".h5", ".hdf5")):
         raise JobError(f"output.path: {out.path!r} should end in .h5 (an HDF5 file)")
     return out
@@ -601,8 +631,15 @@ def parse_job(text: str, path: Path) -> Job:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return _parse(data, path, text)
+    except bounds.BoundsError as e:
+        raise JobError(str(e)) from None
+
+
+def _parse(data: dict, path: Path, text: str) -> Job:
     top = _Section(data, "")
-    name = top.get("name", str, path.stem)
+    name = bounds.safe_name(top.get("name", str, path.stem), "name")
     sections = {
         k: top.get(k, dict, {})
         for k in (

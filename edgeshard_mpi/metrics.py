@@ -1,15 +1,14 @@
 """The HDF5 file of one run: schema, summary figures, atomic write, and read.
 
-Written by rank 0 only, to a temporary name in the target folder and then `os.replace`d,
-so an aborted job never leaves a truncated file under the real name. Every dataset carries
+Written by rank 0 only, to a temporary name in the target folder and then linked to its
+name (outfiles.py), so an aborted job never leaves a truncated file under the real name and
+a run never replaces another's file. Every dataset carries
 a `units` attribute. The README documents the schema; bump SCHEMA_VERSION on any change.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -76,23 +75,20 @@ def _table(group: h5py.Group, name: str, rows: list[dict], doc: str = "") -> Non
 
 
 def write_run(path: str | Path, run: dict) -> Path:
-    """Write one run atomically. `run` holds: attrs (root attributes), plan, devices,
-    workload, ranks, stages, events, summary (see runner.collect for the keys)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write one run; returns the name used. `run` holds: attrs (root attributes), plan,
+    devices, workload, ranks, stages, events, summary (see build_record for the keys).
+    The file is complete or absent, never replaces another (outfiles.publish: a name taken
+    meanwhile becomes name-2.h5), and gets mode 0666 minus the umask."""
+    from .outfiles import publish
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             for k, v in run["attrs"].items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, dict | list) else v
             _write_groups(f, run)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return publish(write, Path(path))
 
 
 def _write_groups(f: h5py.File, run: dict) -> None:

@@ -221,12 +221,31 @@ def _unit_params_from_checkpoint(path: Path, cfg: dict, n_units: int) -> tuple[i
 def from_hf_config(path: Path) -> ModelSpec:
     """Read a Hugging Face decoder-only `config.json` (or the directory holding it) of any
     family in families.py; per-unit sizes come from the checkpoint's safetensors headers."""
-    from .families import family, layer_kv_windows
+    from .families import family
 
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: not a readable JSON file ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object of model settings")
     family(cfg, str(cfg_file))  # refuses unknown families and unsupported fields
+    try:
+        return _spec_from_config(cfg, path, cfg_file)
+    except KeyError as e:
+        raise ValueError(
+            f"{cfg_file}: missing {e.args[0]!r}; this config.json is incomplete (copy the "
+            "model's own config.json)"
+        ) from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{cfg_file}: a value has the wrong type or is zero ({e})") from None
+
+
+def _spec_from_config(cfg: dict, path: Path, cfg_file: Path) -> ModelSpec:
+    from .families import layer_kv_windows
+
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     eos = cfg.get("eos_token_id", 2)
@@ -234,6 +253,10 @@ def from_hf_config(path: Path) -> ModelSpec:
         eos = eos[0]
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+            raise ValueError(f"{key} = {v!r} must be a positive integer")
     n_units = cfg["num_hidden_layers"] + 2
     return ModelSpec(
         name=str(path),

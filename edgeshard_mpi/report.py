@@ -113,8 +113,8 @@ def collect(paths: list[Path]) -> list[dict]:
         elif f.suffix == ".h5" and "profiles" not in f.parts:
             try:
                 rows.append(_row_from_h5(f))
-            except (OSError, KeyError) as e:
-                print(f"skipping {f}: {e}")
+            except (OSError, KeyError, ValueError, TypeError) as e:  # not a run file
+                print(f"skipping {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return rows
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import watchdog
 from .job import Job, JobError, load_job
 
 EXIT_USER_ERROR = 2
@@ -65,15 +66,13 @@ def output_path(job: Job) -> Path:
 
 
 def _check_writable(path: Path, fresh: bool = True) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    from .outfiles import writable_folder
+
+    why = writable_folder(path.parent)  # creates nothing: a refused run leaves no folder
+    if why:
         raise JobError(
-            f"output.path: cannot write in {path.parent} ({e.strerror}); choose a writable folder"
-        ) from None
+            f"output.path: cannot write in {path.parent} ({why}); choose a writable folder"
+        )
     if fresh and path.exists():
         raise JobError(
             f"output.path: {path} already exists; results are never overwritten, "
@@ -180,6 +179,7 @@ def _devices(job: Job, tp, tb=None):
     """Step 2 (devices): every rank describes itself; all get the table."""
     import torch
 
+    from . import model  # noqa: F401  (imported now: the start-up footprint includes it)
     from .cluster import describe_devices, local_view
 
     view = local_view()
@@ -232,14 +232,20 @@ def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
         log.info(f"profile: reusing {cfg.reuse}")
     else:
         log.info("profile: timing every unit on every rank, then every link")
+        frozen = watchdog.disturbances()
         try:
             prof = _measure(job, spec, devices, device, tp, log, cfg, wl)
         except CheckpointError as e:  # raised alike on every rank
             raise UserError(str(e)) from None
+        _agree(tp, watchdog.disturbed_since(frozen))  # a stall would skew the plan
         if tp.rank == 0 and cfg.save and out is not None:
+            from .outfiles import OutputError
+
             path = Path(cfg.save.format(output=str(out.with_suffix(""))))
-            prof.save(path)
-            log.info(f"profile: saved {path}")
+            try:
+                log.info(f"profile: saved {prof.save(path)}")
+            except OutputError as e:  # the run goes on: the profile is also in its file
+                log.info(f"note: profile not saved: {e.strerror}")
     overrides = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
     if overrides:
         budget = prof.memory_budget.copy()
@@ -397,23 +403,14 @@ SLOT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
 
 def _check_memory(plan, spec, job: Job, devices, batch: int, slots: int) -> None:
     """A plan whose shard exceeds a rank's budget fails now, with the numbers, instead of
-    being killed by the OS half-way through."""
-    wl, dt = job.workload, job.model.dtype
-    need: dict[int, float] = {}
-    for st in plan.stages:
-        need[st.rank] = need.get(st.rank, 0.0) + sum(
-            spec.unit_weight_bytes(u, dt) + slots * spec.unit_kv_bytes(u, batch, wl.context, dt)
-            for u in range(st.start, st.end)
-        )
-    for rank, bytes_ in need.items():
-        budget = devices[rank].memory_budget
-        if bytes_ > budget:
-            raise UserError(
-                f"rank {rank} ({devices[rank].name}) would hold {bytes_ / 1e9:.2f} GB (weights + "
-                f"KV cache) but its memory budget is {budget / 1e9:.2f} GB "
-                f"({devices[rank].memory_source}); give it fewer layers, use more ranks, or set "
-                "cluster.devices memory if the budget is wrong"
-            )
+    being killed by the OS half-way through (memcheck.py: weights, KV caches, buffers,
+    activations, logits; a cgroup budget is net of the runtime measured at start-up)."""
+    from .memcheck import check
+
+    wl = job.workload
+    err = check(plan, spec, job.model.dtype, devices, batch, wl.prompt_tokens, wl.context, slots)
+    if err:
+        raise UserError(err)
 
 
 def _load(job: Job, spec, plan, device, tp):
@@ -441,33 +438,56 @@ def _load(job: Job, spec, plan, device, tp):
     return stages, time.perf_counter() - t0
 
 
-def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Decision):
+def _infer(
+    job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Decision, out, book=None
+):
     """Step 6 (infer): micro-batches of prompts walk the chain, one at a time (sequential)
-    or several in flight (pipeline)."""
+    or several in flight (pipeline). Rank 0 journals each finished group (resume.py) and,
+    resuming (`book`: the killed run's journal), runs only the groups it lacks."""
     from . import schedule as sch
-    from .runtime import Runtime, Workload
+    from .resume import Journal, ResumeError, header_for
+    from .runtime import EVENT_DTYPE, RankResult, Runtime, Workload
 
     wl = job.workload
     b, groups = dec.micro_batch_size, wl.prompts // dec.micro_batch_size
-    shape = sch.Shape(groups=groups, slots=dec.micro_batches, steps=wl.new_tokens)
-    feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
     eos = spec.eos_token_id if wl.eos_token_id is None else wl.eos_token_id
-    runtime = Runtime(
-        tp,
-        [st.rank for st in plan.stages],
-        stages,
-        shape,
-        dec.order,
-        Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
-        device,
-        record_events=job.output.events,
-    )
-    memory = runtime.memory_bytes()
+    journal, todo, err = book, None, None
+    if tp.rank == 0:
+        try:
+            header = header_for(job, spec, prompts.ids, b, eos)
+            if book is not None:
+                book.check_matches(header)
+                book.reopen()
+            else:
+                journal, out = Journal.create(out, header)
+            todo = journal.todo(groups)
+        except (ResumeError, OSError) as e:
+            err = str(e) if isinstance(e, ResumeError) else f"output.path: journal: {e}"
+    _agree(tp, err)
+    todo = tp.bcast(todo)
+    if tp.rank == 0:
+        what = f"{groups - len(todo)} of {groups} groups done, " if book is not None else ""
+        log.info(f"journal: {journal.path} ({what}resume a killed run with --resume it)")
+    shape = sch.Shape(groups=groups, slots=dec.micro_batches, steps=wl.new_tokens)
+    feed = prompts.ids.reshape(groups, b, wl.prompt_tokens)[todo] if tp.rank == 0 else None
+    finished = [groups - len(todo)]
 
     def on_group_done(group: int, res) -> None:
+        try:
+            journal.append(
+                todo[group], res.tokens[group], res.token_time[group], res.group_start[group]
+            )
+        except OSError as e:  # one line, then end the job: the journal keeps what is done
+            log.error(
+                f"results disk: cannot journal group {todo[group]} ({e.strerror}); the "
+                f"{len(journal.done) + finished[0] - (groups - len(todo))} group(s) before it "
+                f"are in {journal.path}: free space, then resume with --resume {journal.path}"
+            )
+            tp.comm.Abort(EXIT_USER_ERROR)
         n = int(np.sum(res.tokens[group] >= 0))
         dt = np.nanmax(res.token_time[group]) - res.group_start[group]
-        done = group + 1
+        finished[0] += 1
+        done = finished[0]
         if log.tty:
             log.progress(f"prompts {done * b}/{groups * b}  {n / dt:.1f} tokens/s")
         elif groups <= 64 or done % max(1, groups // 32) == 0 or done == groups:
@@ -476,25 +496,85 @@ def _infer(job: Job, spec, prompts, plan, stages, device, tp, log: Log, dec: Dec
                 f"({dt / max(n // b, 1) * 1e3:.1f} ms/token)"
             )
 
-    t0 = tp.sync_clock()
-    res = runtime.run(t0, on_group_done)
+    if todo:
+        runtime = Runtime(
+            tp,
+            [st.rank for st in plan.stages],
+            stages,
+            sch.Shape(groups=len(todo), slots=dec.micro_batches, steps=wl.new_tokens),
+            dec.order,
+            Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
+            device,
+            record_events=job.output.events,
+        )
+        memory = runtime.memory_bytes()
+        t0 = tp.sync_clock()
+        res = runtime.run(t0, on_group_done)
+    else:  # everything was journaled: only the file is left to write
+        memory = dict.fromkeys(("weights", "kv_cache", "buffers"), 0)
+        res = RankResult(rank=tp.rank, events=np.zeros(0, dtype=EVENT_DTYPE))
+        if tp.rank == 0:
+            res.tokens = np.zeros((0, b, wl.new_tokens), dtype=np.int64)
+            res.token_time, res.group_start = np.zeros((0, wl.new_tokens)), np.zeros(0)
     if log.tty and tp.rank == 0:
         print(flush=True)
+    if tp.rank == 0:
+        journal.close()
+        journal.merge(res, todo, groups, b, wl.new_tokens)
+        res.resumed_groups = sorted(journal.done)
     res.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res.memory = memory
-    return res, shape
+    return res, shape, out, journal
 
 
-def run_job(job_path: str) -> int:
-    """Run one job under MPI; returns the process exit status."""
+def _watchdog(tp):
+    """The stall watchdog of this rank (watchdog.py), started before any collective."""
+    import socket
+
+    watchdog.die_with_launcher()
+    wd = watchdog.Watchdog(tp.comm, watchdog.DEFAULT_LIMIT_S, socket.gethostname())
+    wd.start()
+    return wd
+
+
+def _open_resume(path: str | None, tp):
+    """--resume JOURNAL: rank 0 reads the killed run's journal (None elsewhere)."""
+    from .resume import Journal, ResumeError, journal_path, output_of
+
+    if path is None:
+        return None
+    book, err = None, None
+    if tp.rank == 0:
+        try:
+            p = Path(path)
+            p = p if p.name.endswith(".journal") else journal_path(p)
+            if output_of(p).exists():
+                raise ResumeError(f"--resume: {output_of(p)} exists: that run is complete")
+            book = Journal.read(p)
+        except ResumeError as e:
+            err = str(e)
+    _agree(tp, err)
+    return book
+
+
+def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] = ()) -> int:
+    """Run one job under MPI; returns the process exit status. `resume`: the journal of a
+    killed run of this job; `exclude`: device names the plan must leave out."""
     from mpi4py import MPI
 
     from .comm import Transport
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
+    wd = _watchdog(tp)
     try:
         job, spec, prompts, out = _setup(job_path, tp)
+        wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
+        book = _open_resume(resume, tp)
+        if book is not None:
+            from .resume import output_of
+
+            out = output_of(book.path)
         tp.poll_min = job.runtime.poll_min_us * 1e-6
         tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
@@ -502,9 +582,21 @@ def run_job(job_path: str) -> int:
         tb, emulation = _testbed(job, tp)
         if tb is not None:
             log.info(f"testbed {tb.name}: {tb.n} devices, emulated by the {emulation}")
+        watchdog.phase("devices")
         devices, device = _devices(job, tp, tb)
-        prof = _profile(job, spec, devices, device, tp, log, out)
+        from . import resume as rs
+
+        try:
+            excluded = rs.excluded_ranks(devices, exclude)
+            job = rs.exclude_from_job(job, excluded, tp.size)
+        except rs.ResumeError as e:  # the same verdict on every rank
+            raise UserError(str(e)) from None
+        watchdog.phase("profile")
+        prof = rs.exclude_from_profile(_profile(job, spec, devices, device, tp, log, out), excluded)
+        watchdog.phase("plan")
         plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
+        step = (predicted or {}).get("per_token_s")
+        wd.set_limit(watchdog.auto_limit(step, job.runtime.stall_timeout_s))
         log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
         if job.pipeline.pipelined:
             pred = (dec.pipeline or {}).get("prediction")
@@ -518,10 +610,15 @@ def run_job(job_path: str) -> int:
                 f"predicted: {predicted['per_token_s'] * 1e3:.2f} ms/token, "
                 f"{predicted['tokens_per_s']:.1f} tokens/s"
             )
+        watchdog.phase("load")
         stages, load_s = _load(job, spec, plan, device, tp)
-        res, shape = _infer(job, spec, prompts, plan, stages, device, tp, log, dec)
+        watchdog.phase("infer")
+        res, shape, out, journal = _infer(
+            job, spec, prompts, plan, stages, device, tp, log, dec, out, book
+        )
         res.load_s = load_s
     except UserError as e:
+        wd.stop()
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
@@ -533,8 +630,10 @@ def run_job(job_path: str) -> int:
             flush=True,
         )
         raise
+    watchdog.phase("gather")
     results = tp.gather(res)
     hosts = tp.gather(devices[tp.rank].host)
+    wd.stop()  # every rank passes here; rank 0's write must not ping ranks that left
     if tp.rank != 0:
         return 0
     from .metrics import build_record, summarize, write_run
@@ -557,9 +656,21 @@ def run_job(job_path: str) -> int:
         dec,
     )
     record["attrs"]["emulation"] = emulation
+    if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
+        record["attrs"]["resumed_groups"] = list(src.resumed_groups)
     if tb is not None:
         record["attrs"]["testbed"] = tb.to_dict()
-    write_run(out, record)
+    from .outfiles import OutputError
+
+    try:
+        written = write_run(out, record)
+    except OutputError as e:
+        log.error(
+            f"results not written: {e.strerror}; every group is in {journal.path}: free "
+            f"space, then `edgeshard-mpi run JOB --resume {journal.path}` writes the file"
+        )
+        return EXIT_USER_ERROR
+    journal.remove()
     log.info(
         f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
         f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "
@@ -577,7 +688,8 @@ def run_job(job_path: str) -> int:
         from .data import continuation
 
         log.info(continuation(job, spec, prompts.ids[0], record["workload"]["generated_ids"][0]))
-    log.info(f"wrote {out}")
+    taken = f" ({out.name} was taken by another run)" if written != out else ""
+    log.info(f"wrote {written}{taken}")
     return 0
 
 
@@ -591,8 +703,12 @@ def profile_job(job_path: str, out_path: str | None) -> int:
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
+    wd = _watchdog(tp)
     try:
         job, spec, _, out = _setup(job_path, tp, need_prompts=False)
+        wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
+        if out_path and Path(out_path).exists():
+            raise UserError(f"--out: {out_path} already exists; profiles are never overwritten")
         tb, _ = _testbed(job, tp)
         devices, device = _devices(job, tp, tb)
         job = replace(
@@ -600,14 +716,25 @@ def profile_job(job_path: str, out_path: str | None) -> int:
             profile=replace(job.profile, reuse=None, save=None),
             partition=replace(job.partition, strategy="edgeshard"),
         )
+        watchdog.phase("profile")
         prof = _profile(job, spec, devices, device, tp, log, out)
+        watchdog.phase("gather")
+        tp.quiet_barrier()
     except UserError as e:
+        wd.stop()
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
+    wd.stop()
     if tp.rank == 0:
+        from .outfiles import OutputError
+
         path = Path(out_path) if out_path else out.with_suffix(".profile.json")
-        prof.save(path)
+        try:
+            path = prof.save(path, rename_ok=not out_path)
+        except OutputError as e:
+            log.error(f"profile not written: {e.strerror}")
+            return EXIT_USER_ERROR
         log.info(f"wrote {path}")
     return 0
 

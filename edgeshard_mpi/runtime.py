@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import emulation
+from . import emulation, watchdog
 from . import schedule as sch
 from .model import Stage, first_position, position_ids
 
@@ -60,6 +60,8 @@ class RankResult:
     group_start: np.ndarray | None = None
     """[groups] seconds from t0 when the group's prefill started."""
     stage_compute_s: dict = field(default_factory=dict)
+    resumed_groups: list = field(default_factory=list)
+    """Source rank, resumed runs: groups whose tokens came from the journal."""
 
 
 class Runtime:
@@ -145,6 +147,7 @@ class Runtime:
                 self._send(a, self._outputs.pop((a.stage, a.slot)))
                 res.send_s += time.perf_counter() - t_start
             res.actions += 1
+            watchdog.beat()
             self.tp.progress()
             if events is not None:
                 events[n_events] = (

@@ -154,17 +154,13 @@ class Profile:
             "meta": self.meta,
         }
 
-    def save(self, path: str | Path) -> Path:
-        import os
-        import tempfile
+    def save(self, path: str | Path, *, rename_ok: bool = True) -> Path:
+        """Write the profile without ever replacing a file: a taken name becomes name-2.json
+        (or, rename_ok=False, an error). Returns the name used."""
+        from ..outfiles import publish
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(self.to_dict(), indent=1)
+        return publish(lambda tmp: Path(tmp).write_text(text), Path(path), rename_ok=rename_ok)
 
 
 def _unit_times(value, spec: ModelSpec, where: str) -> np.ndarray:
@@ -221,6 +217,39 @@ def _links(spec: dict, m: int) -> tuple[np.ndarray, np.ndarray]:
     return lat, bw
 
 
+def _check_values(where, names, budget, pre, dec, weights, kv, act, lat, bw, batches) -> None:
+    """Every number a solver divides by or adds up must be one it can honour: times >= 0
+    (inf = cannot run), no NaN, budgets and bandwidths > 0. A negative time once made the
+    planner divide by zero; a NaN one promised a plan that could not exist."""
+    for i, dev in enumerate(names):
+        if not (np.isfinite(budget[i]) and budget[i] >= 0):
+            raise ProfileError(
+                f"{where}: devices[{i}] ({dev}).memory_budget = {budget[i]} must be >= 0"
+            )
+        for what, arr in (("prefill_s", pre[:, i]), ("decode_s", dec[:, i])):
+            bad = np.isnan(arr) | (arr < 0)
+            if bad.any():
+                b, u = (int(x[0]) for x in np.nonzero(bad))
+                raise ProfileError(
+                    f"{where}: devices[{i}] ({dev}).{what} for unit {u} (batch {batches[b]}) is "
+                    f"{arr[b, u]}; times must be >= 0 seconds (null = cannot run); measure again"
+                )
+    for what, arr in (
+        ("weight_bytes", weights),
+        ("kv_bytes_per_token", kv),
+        ("activation_bytes_per_token", act),
+    ):
+        if not (np.all(np.isfinite(arr)) and np.all(arr >= 0)):
+            raise ProfileError(f"{where}: units.{what} must be finite numbers >= 0")
+    off = ~np.eye(len(names), dtype=bool)
+    if np.isnan(lat).any() or (lat < 0).any():
+        raise ProfileError(f"{where}: links: latencies must be >= 0 seconds")
+    if np.isnan(bw).any() or (bw[off] <= 0).any():
+        raise ProfileError(f"{where}: links: bandwidths must be > 0")
+    if not batches or any(b < 1 for b in batches):
+        raise ProfileError(f"{where}: batch_sizes must be integers >= 1")
+
+
 def profile_from_dict(d: dict, where: str = "profile") -> Profile:
     if d.get("format") != FORMAT:
         raise ProfileError(f"{where}: not an {FORMAT} file (format = {d.get('format')!r})")
@@ -273,6 +302,7 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
             if a.shape != (n,):
                 raise ProfileError(f"{where}: units.{name} needs {n} entries")
         lat, bw = _links(d.get("links", {}), m)
+        _check_values(where, names, budget, pre, dec, weights, kv, act, lat, bw, batches)
         source, cloud = int(d.get("source", 0)), d.get("cloud")
         if not 0 <= source < m or (cloud is not None and not 0 <= int(cloud) < m):
             raise ProfileError(f"{where}: source/cloud must be device indices 0..{m - 1}")
@@ -318,9 +348,11 @@ def load_profile(path: str | Path) -> Profile:
             f"{', '.join(shipped_profiles())})"
         )
     try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise ProfileError(f"{p}: not valid JSON ({e})") from None
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError (a binary file) is a ValueError
+        raise ProfileError(f"{p}: not a JSON profile ({e})") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{p}: not a JSON profile (expected an object)")
     return profile_from_dict(data, str(p))
 
 

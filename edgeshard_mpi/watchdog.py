@@ -1,0 +1,238 @@
+"""Stall watchdog: a job whose chain stops making progress ends, naming the rank to blame.
+
+A rank that is stopped (SIGSTOP, a frozen VM, a hung driver) never fails: its peers wait on
+it forever. So every rank runs a small thread that
+
+- answers "are you alive?" pings from other ranks on its own communicator (a Dup of the
+  world, so it never mixes with data messages), with its phase, how long ago it last made
+  progress and how busy its CPU is;
+- when this rank has seen no progress of its own for `limit` seconds, pings every rank. A
+  rank that does not answer within PING_WAIT_S is stalled. If every rank answers, each is
+  waiting on a message and none has progressed within the limit, the job is deadlocked
+  and the rank idle longest is blamed. If some rank is working (outside a wait: a long
+  plan, a slow layer), all is well and the check repeats later;
+- the lowest-numbered live rank prints one line naming the stalled rank, its host and the
+  phase, and aborts the job (MPI_Abort kills stopped processes too); the others wait a
+  grace period so the message is printed once.
+
+Progress is `beat()` (every action of the runtime, every profiled unit) and `phase()`.
+The thread also notices when this process itself was frozen (its 0.25 s tick arrived
+seconds late, or SIGCONT was delivered): `disturbances()` counts those, and the profiler
+refuses timings taken across one.
+
+Under a process manager (hydra, Open MPI), each rank also asks the kernel for SIGTERM when
+its parent (the proxy) dies, and exits without leaving a file: a run whose launcher died is
+reported by the launcher as failed, so its results must not look complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+PING, PONG = 30001, 30002
+TICK_S = 0.25
+PING_WAIT_S = 3.0
+GRACE_S = 4.0
+FROZEN_GAP_S = 1.5
+DEFAULT_LIMIT_S = 300.0
+"""Before the plan predicts a step time (devices, profiling, loading)."""
+AUTO_FLOOR_S = 120.0
+AUTO_STEPS = 20.0
+EXIT_STALL = 3
+
+_PR_SET_PDEATHSIG = 1
+_state = {"beat": time.monotonic(), "phase": "start", "waiting": 0}
+_disturbed = [0]
+
+
+def beat() -> None:
+    """This rank made progress (cheap: one store; call it freely)."""
+    _state["beat"] = time.monotonic()
+
+
+@contextlib.contextmanager
+def waiting():
+    """The main thread waits on a message (comm.py): only then can it be part of a stall;
+    outside a wait it is computing, however long that takes."""
+    _state["waiting"] += 1
+    try:
+        yield
+    finally:
+        _state["waiting"] -= 1
+
+
+def phase(name: str) -> None:
+    _state["phase"] = name
+    beat()
+
+
+def disturbances() -> int:
+    """How many times this process was seen frozen (stopped, starved) so far."""
+    return _disturbed[0]
+
+
+def disturbed_since(count: int) -> str | None:
+    """A message if this process was frozen since disturbances() was `count`."""
+    n = disturbances() - count
+    if n <= 0:
+        return None
+    return (
+        f"profile: this rank was stopped or starved {n} time(s) while timing (SIGSTOP, a "
+        "frozen host, or no CPU for over 1.5 s); the measurement is refused rather than "
+        "planned with; profile again on a quiet cluster"
+    )
+
+
+def auto_limit(step_s: float | None, given: float | None) -> float:
+    """The job's runtime.stall_timeout_s, or 20 predicted steps with a 120 s floor."""
+    if given is not None:
+        return given
+    if step_s is None or not step_s > 0:
+        return DEFAULT_LIMIT_S
+    return max(AUTO_FLOOR_S, AUTO_STEPS * step_s)
+
+
+def _on_sigcont(signum, frame) -> None:
+    _disturbed[0] += 1
+
+
+def _on_sigterm(signum, frame) -> None:
+    """The launcher (or a user) ended this rank: leave no half-written file, exit now (MPI
+    cannot finalize once the proxy is gone)."""
+    from .outfiles import abandon
+
+    abandon()
+    os._exit(128 + signum)
+
+
+def die_with_launcher() -> None:
+    """Under a process manager, SIGTERM this rank when its parent (the proxy) dies."""
+    launched = any(
+        k in os.environ for k in ("PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+    )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        with contextlib.suppress(ValueError, AttributeError):
+            signal.signal(signal.SIGCONT, _on_sigcont)
+    if launched and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() == 1:  # the parent died before prctl: we are an orphan already
+                _on_sigterm(signal.SIGTERM, None)
+
+
+class Watchdog(threading.Thread):
+    """Call on every rank, at the same point (Dup and the host table are collective)."""
+
+    def __init__(self, comm, limit_s: float, host: str):
+        super().__init__(daemon=True, name="edgeshard-watchdog")
+        self.comm = comm.Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.hosts = self.comm.allgather(host)
+        self.limit = limit_s
+        self._halt = threading.Event()
+        self._round = 0
+        self._sends: list = []
+        beat()
+
+    def set_limit(self, limit_s: float) -> None:
+        self.limit = limit_s
+
+    def stop(self) -> None:
+        """Stop before MPI_Finalize (collective: call where every rank passes)."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        with contextlib.suppress(Exception):
+            for r in self._sends:
+                r.Cancel() if not r.Test() else None
+            self.comm.Free()
+
+    # -- the thread ---------------------------------------------------------------------
+
+    @staticmethod
+    def _state() -> dict:
+        return {
+            "age": time.monotonic() - _state["beat"],
+            "phase": _state["phase"],
+            "waiting": _state["waiting"] > 0,
+        }
+
+    def _answer(self) -> None:
+        from mpi4py import MPI
+
+        st = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=PING, status=st):
+            src = st.Get_source()
+            rnd = self.comm.recv(source=src, tag=PING)
+            self._sends.append(self.comm.isend((rnd, self._state()), dest=src, tag=PONG))
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    def run(self) -> None:
+        last = time.monotonic()
+        next_check = 0.0
+        while not self._halt.wait(TICK_S):
+            now = time.monotonic()
+            if now - last > FROZEN_GAP_S:
+                _disturbed[0] += 1
+            last = now
+            try:
+                self._answer()
+                idle = now - _state["beat"]
+                if now >= next_check and idle > self.limit and _state["waiting"]:
+                    self._check()
+                    next_check = time.monotonic() + max(2.0, self.limit / 4)
+            except Exception:  # MPI torn down under us: the job is ending anyway
+                return
+
+    def _check(self) -> None:
+        from mpi4py import MPI
+
+        self._round += 1
+        rnd = self._round
+        others = [r for r in range(self.size) if r != self.rank]
+        reqs = [self.comm.isend(rnd, dest=r, tag=PING) for r in others]
+        answers = {self.rank: self._state()}
+        st = MPI.Status()
+        deadline = time.monotonic() + PING_WAIT_S
+        while len(answers) < self.size and time.monotonic() < deadline:
+            self._answer()
+            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=PONG, status=st):
+                src = st.Get_source()
+                got_round, state = self.comm.recv(source=src, tag=PONG)
+                if got_round == rnd:
+                    answers[src] = state
+            time.sleep(0.05)
+        self._sends += reqs
+        silent = [r for r in others if r not in answers]
+        working = [r for r, s in answers.items() if s["age"] < self.limit or not s["waiting"]]
+        if not silent and working:
+            return  # someone is computing: not a stall
+        if silent:
+            culprit = silent[0]
+            what = f"stopped answering (no reply within {PING_WAIT_S:.0f} s)"
+        else:
+            culprit = max(answers, key=lambda r: answers[r]["age"])
+            what = "and every other rank made no progress"
+        reporter = min(answers)
+        if reporter != self.rank:
+            time.sleep(GRACE_S)  # the lowest live rank reports; if it did not, we do
+        ph = answers.get(culprit, answers[self.rank])["phase"]
+        idle = answers[self.rank]["age"]
+        print(
+            f"[rank {self.rank}] error: stall: rank {culprit} (host {self.hosts[culprit]}) "
+            f"{what} in phase '{ph}'; no progress for {idle:.0f} s "
+            f"(runtime.stall_timeout_s = {self.limit:g}); ending the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        from .outfiles import abandon
+
+        abandon()
+        self.comm.Abort(EXIT_STALL)
