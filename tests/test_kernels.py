@@ -44,7 +44,7 @@ def logits(spec, source, cuts, kernels, ids):
 
 
 def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
-    path, spec, source = stories(shared_data)
+    _, spec, source = stories(shared_data)
     fast = load_stage(spec, 0, spec.n_units, "float32", "cpu", source, "fast")
     exact = load_stage(spec, 0, spec.n_units, "float32", "cpu", source, "exact")
     fast_linears = [m for m in fast.modules() if isinstance(m, FastLinear)]
@@ -66,7 +66,7 @@ def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
 
 @pytest.mark.parametrize("kernels", ["fast", "exact"])
 def test_partitions_give_bitwise_identical_logits(shared_data, kernels):
-    path, spec, source = stories(shared_data)
+    _, spec, source = stories(shared_data)
     ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(1))
     n = spec.n_units
     whole = logits(spec, source, [(0, n)], kernels, ids)
@@ -76,7 +76,7 @@ def test_partitions_give_bitwise_identical_logits(shared_data, kernels):
 
 
 def test_fast_logits_stay_within_rounding_of_exact(shared_data):
-    path, spec, source = stories(shared_data)
+    _, spec, source = stories(shared_data)
     ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(2))
     n = spec.n_units
     fast = logits(spec, source, [(0, n)], "fast", ids)
@@ -92,7 +92,7 @@ def test_kernels_field_is_checked(tmp_path):
     ok = parse_job('[model]\nsource = "tiny"\n[runtime]\nkernels = "exact"\n', tmp_path / "j")
     assert ok.runtime.kernels == "exact"
     assert parse_job('[model]\nsource = "tiny"\n', tmp_path / "j").runtime.kernels == "fast"
-    with pytest.raises(JobError, match="runtime.kernels"):
+    with pytest.raises(JobError, match=r"runtime\.kernels"):
         parse_job('[model]\nsource = "tiny"\n[runtime]\nkernels = "turbo"\n', tmp_path / "j")
 
 

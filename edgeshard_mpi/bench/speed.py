@@ -302,7 +302,8 @@ def main(argv=None) -> None:
 
 def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> None:
     names = list(models)
-    print(f"\nms per generated token (1 thread per process; medians of rounds) | {' | '.join(names)}")
+    head = "ms per generated token (1 thread per process; medians of rounds)"
+    print(f"\n| {head} | {' | '.join(names)} |")
     configs = []
     if have_lc:
         configs += ["llama.cpp, 1", "llama.cpp, main + 1 RPC", "llama.cpp, main + 3 RPC"]
@@ -312,8 +313,11 @@ def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> 
         for m in names:
             dec = med[(m, c)][0]
             ref = med.get((m, "llama.cpp, 1"))
-            ratio = f" ({dec / ref[0]:.2f}x)" if ref and c.startswith("this") and c.endswith(
-                ", 1 rank") else ""
+            ratio = (
+                f" ({dec / ref[0]:.2f}x)"
+                if ref and c.startswith("this") and c.endswith(", 1 rank")
+                else ""
+            )
             cells.append(f"{dec:.3f}{ratio}")
         print(f"| {c} | {' | '.join(cells)} |")
     for m in names:
