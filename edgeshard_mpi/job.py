@@ -262,6 +262,10 @@ class RuntimeCfg:
     poll_min_us: float = 20.0
     poll_max_us: float = 100.0
     """A waiting rank sleeps between MPI_Test calls, backing off from min to max."""
+    kernels: str = "fast"
+    """Decode kernels (kernels.py): fast (weights stored transposed, ~1.5x faster batch-1
+    products; logits differ from transformers by rounding) or exact (the unchanged
+    transformers modules, bitwise equal to transformers)."""
     check_memory: bool = True
     """Refuse a plan that exceeds a device's memory budget before loading (off: load it
     anyway, e.g. to watch a testbed's memory limit stop it)."""
@@ -591,6 +595,7 @@ def _runtime(sec: _Section) -> RuntimeCfg:
         poll_max_us=sec.get("poll_max_us", float, 100.0),
         check_memory=sec.get("check_memory", bool, True),
         stall_timeout_s=_auto_float(sec, "stall_timeout_s"),
+        kernels=sec.choice("kernels", ("fast", "exact"), "fast"),
     )
     sec.finish()
     bounds.int_in(rt.threads, 0, bounds.MAX_THREADS, "runtime.threads", "0 = one per core")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import emulation
+from .kernels import load_stage
 from .model import Stage, first_position, position_ids
 from .planner.problem import TOKEN_BYTES, Profile
 from .presets import DTYPE_BYTES, ModelSpec
@@ -161,6 +162,7 @@ def measure_units(
     sample_layers: int = 0,
     log=None,
     cold: bool = True,
+    kernels: str = "fast",
 ) -> tuple[np.ndarray, ...]:
     """[len(batch_sizes), N] prefill and decode seconds on this rank; inf where a unit
     does not fit. `sample_layers` > 0 times only that many decoder layers (evenly spread)
@@ -182,9 +184,7 @@ def measure_units(
         for u in group:
             if spec.unit_weight_bytes(u, dtype) > budget / 2:
                 continue  # cannot hold it: stays inf
-            st = Stage(spec, u, u + 1, dtype, device)
-            st.load(source)
-            stages[u] = st
+            stages[u] = load_stage(spec, u, u + 1, dtype, device, source, kernels)
         for u, st in stages.items():
             for bi, b in enumerate(batch_sizes):
                 pre[bi, u], dec[bi, u] = _time_unit(
@@ -307,6 +307,7 @@ def profile_cluster(
     cloud: int | None,
     log,
     cold: bool = True,
+    kernels: str = "fast",
 ) -> Profile:
     """Every rank measures; the Profile is returned on every rank."""
     me = devices[tp.rank]
@@ -330,6 +331,7 @@ def profile_cluster(
                     repeats,
                     sample_layers,
                     cold=cold,
+                    kernels=kernels,
                 )
             except CheckpointError as e:  # every rank must still reach the barriers
                 result = f"[rank {tp.rank}] {e}"
@@ -372,5 +374,9 @@ def profile_cluster(
         source=0,
         cloud=cloud,
         notes="measured by edgeshard-mpi",
-        meta={"hosts": [d.host for d in devices], "threads": [d.threads for d in devices]},
+        meta={
+            "hosts": [d.host for d in devices],
+            "threads": [d.threads for d in devices],
+            "kernels": kernels,
+        },
     )

@@ -290,6 +290,7 @@ def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
         job.cluster.cloud,
         log.info,
         cold=cfg.cold_cache,
+        kernels=job.runtime.kernels,
     )
 
 
@@ -311,6 +312,14 @@ def _check_profile(prof, spec, job: Job, world: int) -> None:
         raise ProfileError(f"it describes {prof.n_devices} devices, the job runs {world} ranks")
     if prof.dtype != job.model.dtype:
         raise ProfileError(f"it was measured in {prof.dtype}, the job runs {job.model.dtype}")
+    # Times depend on the kernels: a profile measured with others would mispredict. (A
+    # profile that does not say, e.g. one from the paper, is taken as it is.)
+    measured = prof.meta.get("kernels", job.runtime.kernels)
+    if measured != job.runtime.kernels:
+        raise ProfileError(
+            f"it was measured with {measured} kernels, the job runs runtime.kernels = "
+            f"{job.runtime.kernels!r}; profile again or set runtime.kernels = {measured!r}"
+        )
     size = job.pipeline.micro_batch_size
     if size is not None:
         prof.times(size)  # raises if the batch size cannot be served
@@ -415,7 +424,7 @@ def _check_memory(plan, spec, job: Job, devices, batch: int, slots: int) -> None
 
 def _load(job: Job, spec, plan, device, tp):
     """Step 5 (load): build this rank's stages from its own tensors only."""
-    from .model import Stage
+    from .kernels import load_stage
     from .weights import CheckpointError, weight_source
 
     stages, err = {}, None
@@ -424,9 +433,9 @@ def _load(job: Job, spec, plan, device, tp):
         source = weight_source(job.model.source, spec, job.model.dtype, job.model.seed)
         for i in plan.stages_of(tp.rank):
             st = plan.stages[i]
-            stage = Stage(spec, st.start, st.end, job.model.dtype, device)
-            stage.load(source)
-            stages[i] = stage
+            stages[i] = load_stage(
+                spec, st.start, st.end, job.model.dtype, device, source, job.runtime.kernels
+            )
     except CheckpointError as e:
         err = str(e)
     except MemoryError:

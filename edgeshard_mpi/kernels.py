@@ -1,0 +1,85 @@
+"""Decode kernels: how a loaded stage multiplies by its weights (job field runtime.kernels).
+
+A decode step is batch-1 matrix-vector work: every weight byte is read once per token, so
+the step runs at the speed the kernel streams the weights. PyTorch's fp32 `F.linear(x, W)`
+with W stored [out, in] (the checkpoint's layout) streams at ~15-17 GB/s on one core here;
+the same product with the weight stored transposed, [in, out] contiguous, as `x @ Wt`,
+streams at ~23-29 GB/s (MKL's other gemv path). Measured on this host, 1 thread, the 58M
+Llama of `make bench-speed` (per matrix and per token):
+
+    F.linear (checkpoint layout)            9.6 ms    (lm_head 512x32000: 3.8 ms)
+    x @ Wt (transposed, contiguous)         6.5 ms    (lm_head: 2.3 ms)   <- "fast"
+    MKL packed (torch.ops.mkl._mkl_linear)  7.8 ms    and 5.6x the weight's memory
+    oneDNN (mkldnn_linear, mkldnn tensors)  7.8 ms
+
+so "fast" keeps the transposed layout and nothing else. Fusing q/k/v or gate/up into one
+matrix streams no faster (23.7 vs 23.4 GB/s) and would mean rewriting each family's
+attention, so it is not done.
+
+The transform is family-agnostic: it walks any nn.Module and swaps each nn.Linear (the
+attention and MLP projections of every decoder layer, and the lm_head) for a FastLinear
+that holds the only copy of the weight, transposed. The embedding is a row gather (one
+row per token), already at the memory's speed: it is left as it is.
+
+"exact" leaves the transformers modules untouched: bitwise equal to `transformers`.
+"fast" changes the order of the sums inside each dot product, so logits differ from
+"exact" by rounding (reported by the tests and `make bench-speed`); 1 rank and N ranks stay
+bitwise identical under either, since every rank runs the same kernel on the same layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KERNELS = ("fast", "exact")
+
+
+class FastLinear(nn.Module):
+    """y = x @ Wt (+ b) with Wt = W.T stored contiguous: the weight is held once, in the
+    layout MKL's batch-1 gemv streams fastest. `.weight` is the checkpoint's [out, in]
+    matrix as a view of that storage (no copy), for code that reads it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # .contiguous() on the transpose makes the new layout; the caller drops the old
+        # module, so the checkpoint layout is freed and the weight is held once.
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def apply_kernels(module: nn.Module, kernels: str) -> nn.Module:
+    """Give `module` (a loaded stage, any family) the kernels named; returns it."""
+    if kernels not in KERNELS:
+        raise ValueError(f"runtime.kernels = {kernels!r}; use one of {', '.join(KERNELS)}")
+    if kernels == "exact":
+        return module
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear and child.weight.device.type == "cpu":
+            setattr(module, name, FastLinear(child))
+            del child  # the [out, in] copy goes with the old module
+        elif not isinstance(child, FastLinear):
+            apply_kernels(child, kernels)
+    return module
+
+
+def load_stage(spec, start: int, end: int, dtype: str, device, source, kernels: str = "fast"):
+    """Build and load units [start, end) and give them the run's kernels: the one place a
+    runner or profiler makes a stage, so profiles time the kernels the run uses."""
+    from .model import Stage
+
+    stage = Stage(spec, start, end, dtype, device)
+    stage.load(source)
+    return apply_kernels(stage, kernels)

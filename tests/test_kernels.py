@@ -1,0 +1,120 @@
+"""runtime.kernels: the fast layout holds the checkpoint's own weights, once; 1 rank and N
+ranks give bitwise-identical logits (in process) and tokens (through mpiexec) under either
+kernels; tokens equal transformers generate on the trained stories260K under both."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from edgeshard_mpi.job import JobError, parse_job
+from edgeshard_mpi.kernels import FastLinear, load_stage
+from edgeshard_mpi.model import first_position, position_ids
+from edgeshard_mpi.presets import resolve
+from edgeshard_mpi.weights import weight_source
+from tests.conftest import run_mpi
+from tests.test_mpi import check_file, hf_generate
+
+B, P, G = 2, 6, 5
+
+
+def stories(shared_data):
+    path = str(shared_data / "stories260K-hf")
+    spec = resolve(path)
+    return path, spec, weight_source(path, spec, "float32", 0)
+
+
+def logits(spec, source, cuts, kernels, ids):
+    """Greedy steps through the stages of `cuts`: logits of every step."""
+    stages = [load_stage(spec, a, b, "float32", "cpu", source, kernels) for a, b in cuts]
+    caches = [st.new_cache(B, P + G) for st in stages]
+    out, x = [], ids
+    for step in range(G):
+        h = x
+        for st, cache in zip(stages, caches, strict=True):
+            h = st(h, cache, position_ids(B, P, step), first_position(P, step))
+        out.append(h)
+        x = h.argmax(-1, keepdim=True)
+    return out
+
+
+def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
+    _, spec, source = stories(shared_data)
+    fast = load_stage(spec, 0, spec.n_units, "float32", "cpu", source, "fast")
+    exact = load_stage(spec, 0, spec.n_units, "float32", "cpu", source, "exact")
+    fast_linears = [m for m in fast.modules() if isinstance(m, FastLinear)]
+    # Every projection and the head are swapped; nothing is left on the slow layout.
+    assert len(fast_linears) == 7 * spec.num_layers + 1
+    assert not any(type(m) is nn.Linear for m in fast.modules())
+    assert fast.weight_bytes() == exact.weight_bytes()  # no second copy
+    # Read every tensor back through the modules and compare with the file itself.
+    with safe_open(str(shared_data / "stories260K-hf" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        for name, module in fast.named_modules():
+            if not isinstance(module, FastLinear):
+                continue
+            hf = f"model.{name}.weight" if name.startswith("layers.") else f"{name}.weight"
+            stored = hf if hf in names else "model.embed_tokens.weight"  # tied head
+            assert module.weight_t.is_contiguous()
+            assert torch.equal(module.weight, f.get_tensor(stored)), name
+
+
+@pytest.mark.parametrize("kernels", ["fast", "exact"])
+def test_partitions_give_bitwise_identical_logits(shared_data, kernels):
+    _, spec, source = stories(shared_data)
+    ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(1))
+    n = spec.n_units
+    whole = logits(spec, source, [(0, n)], kernels, ids)
+    for cuts in ([0, 1, n], [0, 3, n - 1, n], list(range(n + 1))):
+        split = logits(spec, source, list(itertools.pairwise(cuts)), kernels, ids)
+        assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True)), cuts
+
+
+def test_fast_logits_stay_within_rounding_of_exact(shared_data):
+    _, spec, source = stories(shared_data)
+    ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(2))
+    n = spec.n_units
+    fast = logits(spec, source, [(0, n)], "fast", ids)
+    exact = logits(spec, source, [(0, n)], "exact", ids)
+    diff = max(float((a - b).abs().max()) for a, b in zip(fast, exact, strict=True))
+    scale = max(float(b.abs().max()) for b in exact)
+    print(f"largest |fast - exact| logit difference: {diff:.3g} (logits up to {scale:.3g})")
+    assert diff < 1e-4 * scale
+    assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(fast, exact, strict=True))
+
+
+def test_kernels_field_is_checked(tmp_path):
+    ok = parse_job('[model]\nsource = "tiny"\n[runtime]\nkernels = "exact"\n', tmp_path / "j")
+    assert ok.runtime.kernels == "exact"
+    assert parse_job('[model]\nsource = "tiny"\n', tmp_path / "j").runtime.kernels == "fast"
+    with pytest.raises(JobError, match=r"runtime\.kernels"):
+        parse_job('[model]\nsource = "tiny"\n[runtime]\nkernels = "turbo"\n', tmp_path / "j")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kernels", ["fast", "exact"])
+def test_ranks_agree_and_equal_generate_through_mpiexec(kernels, shared_data, write_job, tmp_path):
+    path = str(shared_data / "stories260K-hf")
+    tokens = {}
+    for n in (1, 3):
+        job = write_job(
+            {
+                "model": {"source": path},
+                "workload": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 12},
+                "runtime": {"kernels": kernels, "threads": 1},
+                "output": {"path": str(tmp_path / f"r{n}.h5")},
+            },
+            name=f"r{n}.toml",
+        )
+        proc = run_mpi(n, job, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        r = check_file(tmp_path / f"r{n}.h5", n, 2, 12)
+        tokens[n] = r["workload"]["generated_ids"]
+    assert np.array_equal(tokens[1], tokens[3])
+    expected = hf_generate(path, r["workload"]["prompt_ids"], 12, batch=1)
+    assert np.array_equal(tokens[1], expected)
