@@ -355,6 +355,32 @@ def _path_latency(inst: Instance, path) -> float:
     return float(sum(vals) + inst.ret[path[-1][0]])
 
 
+def _capacity_bound(inst: Instance, cands: np.ndarray) -> int:
+    """The least candidate index at which every unit has a type that can run it within
+    the candidate and the types' longest ranges, times their counts, cover all units: a
+    necessary condition (a lower bound on the bottleneck)."""
+    n = inst.n
+    diag = inst.seg[:, np.arange(n), np.arange(1, n + 1)]  # [T, N] each unit alone
+    ii = np.arange(n + 1)
+    length = np.where(ii[None, :] > ii[:, None], ii[None, :] - ii[:, None], 0)  # [i, j]
+
+    def ok(k: int) -> bool:
+        lim = cands[k] * (1 + TIE_REL)
+        if not (diag <= lim).any(axis=0).all():
+            return False
+        longest = np.where(inst.seg <= lim, length[None], 0).max(axis=(1, 2))
+        return int((longest * inst.counts).sum()) >= n
+
+    lo, hi = 0, len(cands) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def _throughput(sv: Solver) -> tuple[Outcome, float]:
     """Binary search on the bottleneck. A probe asks the furthest-reach DP (reach.py) when
     the devices are distinct and few enough, and the latency DP within the bottleneck
@@ -396,12 +422,25 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
         heur = sv.ordered(lim)
         return ("yes", heur.path) if heur.path is not None else ("unknown", None)
 
-    hi = len(cands) - 1
-    status, best = feasible(hi)
-    if status != "yes":
-        return Outcome(INF, None, status == "no", INF, sv.passes), INF
+    # A cheap lower bound first (every unit runnable, and the longest range each device
+    # can take within T adds up to all units), then gallop up from it: the probes near
+    # the optimum are the costly ones, and the optimum is usually close to the bound.
+    lo = _capacity_bound(inst, cands)
+    max_no, no_exact, best, hi = lo - 1, True, None, len(cands) - 1
+    step = 1
+    while best is None:
+        k = min(lo + step - 1, len(cands) - 1)
+        status, path = feasible(k)
+        if status == "yes":
+            best, hi = path, k
+        else:
+            if status == "no":
+                max_no = max(max_no, k)
+            no_exact = no_exact and status == "no"
+            if k == len(cands) - 1:
+                return Outcome(INF, None, no_exact, INF, sv.passes), INF
+            lo, step = k + 1, step * 4
     hi = min(hi, int(np.searchsorted(cands, _path_bottleneck(inst, best) * (1 - TIE_REL))))
-    lo, max_no, no_exact = 0, -1, True
     while lo < hi:
         mid = (lo + hi) // 2
         status, path = feasible(mid)
