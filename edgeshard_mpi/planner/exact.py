@@ -403,16 +403,18 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     def feasible(k: int):
         lim = cands[k] * (1 + TIE_REL)
         if use_reach:
+            complete = reach.complete_at(inst.seg <= lim, inst.hop, inst.ret, inst.src, lim)
+            if not complete:
+                # Without the links (every hop and return free) the probe is complete:
+                # a "no" there is a proof (time and memory alone do not fit).
+                sv.reach_probes += 1
+                if reach.probe(inst.seg, zero_hop, zero_ret, inst.src, lim) is None:
+                    return "no", None
             sv.reach_probes += 1
             path = reach.probe(inst.seg, inst.hop, inst.ret, inst.src, lim)
             if path is not None:
                 return "yes", path
-            if reach.complete_at(inst.seg <= lim, inst.hop, inst.ret, inst.src, lim):
-                return "no", None
-            # Without the links (every hop and return free) the probe is complete: a "no"
-            # there is a proof (this is where time and memory alone do not fit).
-            sv.reach_probes += 1
-            if reach.probe(inst.seg, zero_hop, zero_ret, inst.src, lim) is None:
+            if complete:
                 return "no", None
         out = sv.exact(lim)
         if out.path is not None:
@@ -453,6 +455,17 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
                 max_no = max(max_no, mid)
             no_exact = no_exact and status == "no"
             lo = mid + 1
+    if not no_exact:
+        # A lower bound: no plan below the least candidate at which the relaxation (a
+        # device may recur) is feasible, nor at a proven "no".
+        lo2, hi2 = max_no + 1, hi
+        while lo2 < hi2:
+            mid = (lo2 + hi2) // 2
+            if _pass(inst, cands[mid] * (1 + TIE_REL), [])[1] is not None:
+                hi2 = mid
+            else:
+                lo2 = mid + 1
+        max_no = lo2 - 1
     bound = float(cands[max_no + 1]) if max_no + 1 < len(cands) else INF
     # Ties: the least latency within the optimal bottleneck (the latency DP, exact).
     budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
