@@ -295,6 +295,10 @@ def solve(
     gap. Raises Infeasible when no plan fits, PlannerLimit when not even the costs fit."""
     t0 = time.perf_counter()
     all_dev = sorted(set(range(prob.n_devices) if devices is None else devices) | {prob.source})
+    if objective == "latency":
+        plan = _alike_layers_latency(prob, all_dev, strategy, memory_budget)
+        if plan is not None:
+            return plan
     inst = build(prob, all_dev, collapse)
     sv = Solver(inst, memory_budget, time_budget)
     if objective == "latency":
@@ -334,6 +338,25 @@ def solve(
         got = ev.latency_s if objective == "latency" else ev.bottleneck_s
         info["lower_bound_s"] = float(bound)
         info["gap"] = float(got / bound - 1) if bound > 0 else None
+    return plan
+
+
+def _alike_layers_latency(prob: Problem, devices, strategy: str, memory_budget: float):
+    """When every decoder layer is alike (Llama profiles), latency has an exact fast path:
+    Held-Karp over device subsets orders the devices, a closed form allocates the layers
+    (uniform.py). Used when its 2^M tables fit the budget; None otherwise."""
+    from .uniform import solve_uniform, uniform_structure
+
+    m = len(devices)
+    if m > 22 or (1 << m) * m * 40.0 > memory_budget:
+        return None
+    u = uniform_structure(prob)
+    if u is None:
+        return None
+    plan = solve_uniform(prob, "latency", devices, strategy, u)
+    if plan is None:
+        raise Infeasible(explain_infeasible(prob, devices, strategy))
+    plan.info.update(exact=True, devices=m)
     return plan
 
 
