@@ -487,3 +487,29 @@ def test_alike_layers_match_brute_force(seed, m, n, tight, no_head, no_layers, o
     if objective == "latency":
         assert plan.info["algorithm"] == "uniform-held-karp"
     assert value(plan, prob, objective) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 5), st.integers(3, 7))
+def test_paper_algorithms_apply_to_cloud_edge_opt(seed, m, n):
+    prob = make_problem(random_profile(np.random.default_rng(seed), m, n, tight=100.0))
+    cloud = prob.profile.cloud
+    for objective in ("latency", "throughput"):
+        want, _ = brute(prob, objective, devices=[0, cloud])
+        try:
+            plan = make_plan(prob, "cloud-edge-opt", objective, "paper")
+        except Infeasible as e:
+            assert "more than one stage" in str(e) or not np.isfinite(want)
+            continue
+        assert plan.info["algorithm"].startswith("paper-algorithm")
+        assert {s.rank for s in plan.stages} <= {0, cloud}
+        assert value(plan, prob, objective) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_recurring_device_is_refused_with_the_plan():
+    rng = np.random.default_rng(4)
+    prof = random_profile(rng, 3, 6, tight=100.0, head_holders=1)
+    prof.prefill_s[0, 1] *= 0.01
+    prof.decode_s[0, 1] *= 0.01
+    with pytest.raises(Infeasible, match="more than one stage.*one stage per rank"):
+        make_plan(make_problem(prof), "edgeshard", "latency", "paper")
