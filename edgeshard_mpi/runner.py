@@ -335,7 +335,7 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
     many are in flight) and predicts; every rank receives the decision."""
     from .planner import baselines
     from .planner.cost import evaluate
-    from .planner.pipeline import choose, predict
+    from .planner.pipeline import candidate_plans, choose, predict
     from .planner.plan import Plan, Stage, even_plan
     from .planner.problem import Infeasible, PlannerLimit, make_problem
 
@@ -350,6 +350,8 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
                 fixed = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
 
             def make(prob):
+                if fixed is None and pc.pipelined:  # joint over plans too (planner/pipeline.py)
+                    return candidate_plans(prob, part.strategy, part.objective, part.algorithm)
                 if fixed is None:
                     return baselines.make_plan(prob, part.strategy, part.objective, part.algorithm)
                 return baselines.check_fits(fixed, prob) if job.runtime.check_memory else fixed

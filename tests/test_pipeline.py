@@ -157,3 +157,30 @@ def test_choose_with_nothing_feasible_says_why(prof7b):
     none = dataclasses.replace(prof7b, memory_budget=np.full(prof7b.n_devices, 1e6))
     with pytest.raises(Infeasible, match="no micro-batch size and count fits"):
         choose(none, 4, lambda p: make_plan(p, "edgeshard", "throughput"), (1, 2), (1,))
+
+
+def with_cloud_link(prof, mbps: float):
+    bw = prof.bandwidth.copy()
+    s, c = prof.source, prof.cloud
+    bw[s, c] = bw[c, s] = mbps * 1e6 / 8
+    return dataclasses.replace(prof, bandwidth=bw)
+
+
+@pytest.mark.parametrize(("model", "mbps"), [("7b", 1), ("7b", 10), ("7b", 50), ("13b", 50)])
+def test_edgeshard_pipeline_never_loses_to_a_baseline_it_contains(model, mbps):
+    """Joint over plan x size x count: EdgeShard's predicted tokens/s is at least every
+    baseline's (their plans are among its candidates), within the 1% margin in which the
+    choice prefers the smaller memory footprint."""
+    from edgeshard_mpi.planner.pipeline import TIE, candidate_plans
+
+    prof = with_cloud_link(load_profile(f"paper-llama2-{model}"), mbps)
+    kw = dict(prompts=8, sizes=(1,), slots=(1, 2, 4), order="no-bubbles")
+    es = choose(prof, make_plan=lambda p: candidate_plans(p, "edgeshard"), **kw)
+    es_best = max(c["predicted_tokens_per_s"] for c in es.candidates if c["feasible"])
+    for base in ("cloud-edge-opt", "edge-solo"):
+        try:
+            ch = choose(prof, make_plan=lambda p, b=base: make_plan(p, b, "throughput"), **kw)
+        except Infeasible:
+            continue
+        assert es_best >= ch.prediction.tokens_per_s * (1 - 1e-12), base
+        assert es.prediction.tokens_per_s >= ch.prediction.tokens_per_s * (1 - TIE), base

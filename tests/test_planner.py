@@ -410,3 +410,106 @@ def test_many_distinct_devices_get_a_labelled_plan_quickly():
     assert time.perf_counter() - t0 < 60
     assert evaluate(plan, prob).feasible
     assert plan.info["exact"] or plan.info["lower_bound_s"] <= evaluate(plan, prob).bottleneck_s
+
+
+def uniform_profile(
+    rng: np.random.Generator, m: int, n: int, tight: float, no_head: int, no_layers: bool
+) -> Profile:
+    """Alike decoder layers (as in a Llama): per device one layer cost; some devices cannot
+    run the head, and optionally one device cannot run layers at all."""
+    spec = ModelSpec("rand", 8, n - 2, 1, 1, 8, 16)
+
+    def phase(lo, hi):
+        t = np.repeat(rng.uniform(lo, hi, (1, m, 1)), n, axis=2)
+        t[0, :, 0] = rng.uniform(0.01, 0.1, m)
+        t[0, :, -1] = rng.uniform(lo, hi, m)
+        t[0, m - no_head :, -1] = np.inf if no_head else t[0, m - no_head :, -1]
+        if no_layers and m > 2:
+            t[0, 1, 1:-1] = np.inf
+        return t
+
+    pre, dec = phase(0.5, 5.0), phase(0.1, 2.0)
+    weights = np.full(n, rng.uniform(1, 10))
+    weights[0], weights[-1] = rng.uniform(1, 10), rng.uniform(1, 10)
+    budget = rng.uniform(0.2, 0.7, m) * weights.sum() * tight
+    lat = rng.uniform(0.0, 1.0, (m, m))
+    bw = rng.uniform(0.5, 4.0, (m, m))
+    np.fill_diagonal(lat, 0)
+    np.fill_diagonal(bw, np.inf)
+    act = np.full(n, rng.uniform(0.5, 2))
+    act[-1] = 0.1
+    return Profile(
+        spec,
+        "float32",
+        2,
+        3,
+        (1,),
+        tuple(f"d{i}" for i in range(m)),
+        budget,
+        pre,
+        dec,
+        weights,
+        np.zeros(n),
+        act,
+        lat,
+        bw,
+        source=0,
+        cloud=m - 1,
+    )
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 5),
+    st.integers(3, 8),
+    st.sampled_from([0.6, 1.0, 2.0, 10.0]),
+    st.integers(0, 2),
+    st.booleans(),
+    st.sampled_from(["latency", "throughput"]),
+    st.sampled_from(["prefill", "decode", "average", "workload"]),
+)
+def test_alike_layers_match_brute_force(seed, m, n, tight, no_head, no_layers, objective, strategy):
+    prob = make_problem(
+        uniform_profile(np.random.default_rng(seed), m, n, tight, min(no_head, m - 1), no_layers),
+        strategy=strategy,
+    )
+    from edgeshard_mpi.planner.exact import solve
+    from edgeshard_mpi.planner.uniform import uniform_structure
+
+    assert uniform_structure(prob) is not None
+    want, _ = brute(prob, objective)
+    if not np.isfinite(want):
+        with pytest.raises(Infeasible):
+            solve(prob, objective)
+        return
+    plan = solve(prob, objective)  # latency: the alike-layer fast path
+    if objective == "latency":
+        assert plan.info["algorithm"] == "uniform-held-karp"
+    assert value(plan, prob, objective) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 5), st.integers(3, 7))
+def test_paper_algorithms_apply_to_cloud_edge_opt(seed, m, n):
+    prob = make_problem(random_profile(np.random.default_rng(seed), m, n, tight=100.0))
+    cloud = prob.profile.cloud
+    for objective in ("latency", "throughput"):
+        want, _ = brute(prob, objective, devices=[0, cloud])
+        try:
+            plan = make_plan(prob, "cloud-edge-opt", objective, "paper")
+        except Infeasible as e:
+            assert "more than one stage" in str(e) or not np.isfinite(want)
+            continue
+        assert plan.info["algorithm"].startswith("paper-algorithm")
+        assert {s.rank for s in plan.stages} <= {0, cloud}
+        assert value(plan, prob, objective) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_recurring_device_is_refused_with_the_plan():
+    rng = np.random.default_rng(4)
+    prof = random_profile(rng, 3, 6, tight=100.0, head_holders=1)
+    prof.prefill_s[0, 1] *= 0.01
+    prof.decode_s[0, 1] *= 0.01
+    with pytest.raises(Infeasible, match="more than one stage.*one stage per rank"):
+        make_plan(make_problem(prof), "edgeshard", "latency", "paper")

@@ -295,6 +295,10 @@ def solve(
     gap. Raises Infeasible when no plan fits, PlannerLimit when not even the costs fit."""
     t0 = time.perf_counter()
     all_dev = sorted(set(range(prob.n_devices) if devices is None else devices) | {prob.source})
+    if objective == "latency":
+        plan = _alike_layers_latency(prob, all_dev, strategy, memory_budget)
+        if plan is not None:
+            return plan
     inst = build(prob, all_dev, collapse)
     sv = Solver(inst, memory_budget, time_budget)
     if objective == "latency":
@@ -337,6 +341,25 @@ def solve(
     return plan
 
 
+def _alike_layers_latency(prob: Problem, devices, strategy: str, memory_budget: float):
+    """When every decoder layer is alike (Llama profiles), latency has an exact fast path:
+    Held-Karp over device subsets orders the devices, a closed form allocates the layers
+    (uniform.py). Used when its 2^M tables fit the budget; None otherwise."""
+    from .uniform import solve_uniform, uniform_structure
+
+    m = len(devices)
+    if m > 22 or (1 << m) * m * 40.0 > memory_budget:
+        return None
+    u = uniform_structure(prob)
+    if u is None:
+        return None
+    plan = solve_uniform(prob, "latency", devices, strategy, u)
+    if plan is None:
+        raise Infeasible(explain_infeasible(prob, devices, strategy))
+    plan.info.update(exact=True, devices=m)
+    return plan
+
+
 def _candidates(inst: Instance) -> np.ndarray:
     vals = [inst.seg[np.isfinite(inst.seg)], inst.hop[np.isfinite(inst.hop)], inst.ret]
     c = np.unique(np.concatenate(vals))
@@ -353,6 +376,32 @@ def _path_latency(inst: Instance, path) -> float:
     vals = [inst.seg[u, a, b] for u, a, b in path]
     vals += [inst.hop[b, u, v] for (u, _, b), (v, _, _) in itertools.pairwise(path)]
     return float(sum(vals) + inst.ret[path[-1][0]])
+
+
+def _capacity_bound(inst: Instance, cands: np.ndarray) -> int:
+    """The least candidate index at which every unit has a type that can run it within
+    the candidate and the types' longest ranges, times their counts, cover all units: a
+    necessary condition (a lower bound on the bottleneck)."""
+    n = inst.n
+    diag = inst.seg[:, np.arange(n), np.arange(1, n + 1)]  # [T, N] each unit alone
+    ii = np.arange(n + 1)
+    length = np.where(ii[None, :] > ii[:, None], ii[None, :] - ii[:, None], 0)  # [i, j]
+
+    def ok(k: int) -> bool:
+        lim = cands[k] * (1 + TIE_REL)
+        if not (diag <= lim).any(axis=0).all():
+            return False
+        longest = np.where(inst.seg <= lim, length[None], 0).max(axis=(1, 2))
+        return int((longest * inst.counts).sum()) >= n
+
+    lo, hi = 0, len(cands) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _throughput(sv: Solver) -> tuple[Outcome, float]:
@@ -377,16 +426,18 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     def feasible(k: int):
         lim = cands[k] * (1 + TIE_REL)
         if use_reach:
+            complete = reach.complete_at(inst.seg <= lim, inst.hop, inst.ret, inst.src, lim)
+            if not complete:
+                # Without the links (every hop and return free) the probe is complete:
+                # a "no" there is a proof (time and memory alone do not fit).
+                sv.reach_probes += 1
+                if reach.probe(inst.seg, zero_hop, zero_ret, inst.src, lim) is None:
+                    return "no", None
             sv.reach_probes += 1
             path = reach.probe(inst.seg, inst.hop, inst.ret, inst.src, lim)
             if path is not None:
                 return "yes", path
-            if reach.complete_at(inst.seg <= lim, inst.hop, inst.ret, inst.src, lim):
-                return "no", None
-            # Without the links (every hop and return free) the probe is complete: a "no"
-            # there is a proof (this is where time and memory alone do not fit).
-            sv.reach_probes += 1
-            if reach.probe(inst.seg, zero_hop, zero_ret, inst.src, lim) is None:
+            if complete:
                 return "no", None
         out = sv.exact(lim)
         if out.path is not None:
@@ -396,12 +447,25 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
         heur = sv.ordered(lim)
         return ("yes", heur.path) if heur.path is not None else ("unknown", None)
 
-    hi = len(cands) - 1
-    status, best = feasible(hi)
-    if status != "yes":
-        return Outcome(INF, None, status == "no", INF, sv.passes), INF
+    # A cheap lower bound first (every unit runnable, and the longest range each device
+    # can take within T adds up to all units), then gallop up from it: the probes near
+    # the optimum are the costly ones, and the optimum is usually close to the bound.
+    lo = _capacity_bound(inst, cands)
+    max_no, no_exact, best, hi = lo - 1, True, None, len(cands) - 1
+    step = 1
+    while best is None:
+        k = min(lo + step - 1, len(cands) - 1)
+        status, path = feasible(k)
+        if status == "yes":
+            best, hi = path, k
+        else:
+            if status == "no":
+                max_no = max(max_no, k)
+            no_exact = no_exact and status == "no"
+            if k == len(cands) - 1:
+                return Outcome(INF, None, no_exact, INF, sv.passes), INF
+            lo, step = k + 1, step * 4
     hi = min(hi, int(np.searchsorted(cands, _path_bottleneck(inst, best) * (1 - TIE_REL))))
-    lo, max_no, no_exact = 0, -1, True
     while lo < hi:
         mid = (lo + hi) // 2
         status, path = feasible(mid)
@@ -414,6 +478,17 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
                 max_no = max(max_no, mid)
             no_exact = no_exact and status == "no"
             lo = mid + 1
+    if not no_exact:
+        # A lower bound: no plan below the least candidate at which the relaxation (a
+        # device may recur) is feasible, nor at a proven "no".
+        lo2, hi2 = max_no + 1, hi
+        while lo2 < hi2:
+            mid = (lo2 + hi2) // 2
+            if _pass(inst, cands[mid] * (1 + TIE_REL), [])[1] is not None:
+                hi2 = mid
+            else:
+                lo2 = mid + 1
+        max_no = lo2 - 1
     bound = float(cands[max_no + 1]) if max_no + 1 < len(cands) else INF
     # Ties: the least latency within the optimal bottleneck (the latency DP, exact).
     budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)

@@ -19,9 +19,16 @@ from .plan import Plan
 from .problem import Infeasible, Problem
 
 
-def paper_algorithm1(prob: Problem, strategy: str = "edgeshard") -> Plan:
+def paper_algorithm1(
+    prob: Problem, strategy: str = "edgeshard", devices: list[int] | None = None
+) -> Plan:
+    """Algorithm 1 over `devices` (default: all; the source always)."""
     t0 = time.perf_counter()
     c, mem, budget = prob.compute, prob.memory, prob.profile.memory_budget
+    if devices is not None:  # the others cannot run anything
+        allowed = np.zeros(prob.n_devices, dtype=bool)
+        allowed[sorted(set(devices) | {prob.source})] = True
+        c = np.where(allowed[:, None], c, np.inf)
     m, n, s = prob.n_devices, prob.n_units, prob.source
     hop = prob.hop_matrix()  # hop[i, k, j]: output of unit i-1 from k to j (0 if k == j)
     dp = np.full((n, m), np.inf)
@@ -33,6 +40,8 @@ def paper_algorithm1(prob: Problem, strategy: str = "edgeshard") -> Plan:
         left[0, s, s] -= mem[0]
     for i in range(1, n):
         for j in range(m):
+            if not np.isfinite(c[j, i]):
+                continue
             val = dp[i - 1] + c[j, i] + hop[i, :, j]
             val[left[i - 1, :, j] < mem[i]] = np.inf
             k = int(np.argmin(val))

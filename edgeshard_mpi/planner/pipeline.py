@@ -4,9 +4,13 @@ plan, micro-batch size and micro-batches in flight together (pure: numpy, no tor
 The paper plans for one batch size and leaves batch-size-aware planning as future work.
 Here memory counts the KV cache of every micro-batch in flight (Problem.slots), so a plan
 that holds more micro-batches, or larger ones, is traded against one that computes faster.
-Each candidate (size b, in flight S) gets its own plan, and the schedule simulator (the
-same action lists the runtime walks) predicts its tokens/s; the best wins, ties going to
-the smaller memory footprint.
+The choice is joint over plan x micro-batch size x count in flight: for each (size b, in
+flight S) every candidate plan is simulated (the same action lists the runtime walks) and
+the best predicted tokens/s wins, ties going to the smaller memory footprint. EdgeShard's
+candidates are its bottleneck-optimal and latency-optimal plans and the plan of every
+baseline (Edge-Solo, Cloud-Edge-Even/Opt, EdgeShard-Even): all lie in its search space, so
+its predicted throughput is never below theirs. The bottleneck-optimal plan alone can lose:
+an extra stage that S micro-batches in flight cannot keep busy costs more than it saves.
 """
 
 from __future__ import annotations
@@ -127,6 +131,31 @@ class Choice:
     candidates: list[dict] = field(default_factory=list)
 
 
+def candidate_plans(
+    prob: Problem, strategy: str, objective: str = "throughput", algorithm: str = "exact"
+) -> list[Plan]:
+    """The plans a pipelined `strategy` chooses among (see the module doc); Infeasible if
+    none fits."""
+    from .baselines import STRATEGIES, make_plan
+
+    if strategy != "edgeshard":
+        return [make_plan(prob, strategy, objective, algorithm)]
+    out, errors = [], []
+    tries = [("edgeshard", o) for o in (objective, "latency", "throughput")]
+    tries += [(s, o) for s in STRATEGIES[1:] for o in ("throughput", "latency")]
+    for s, o in tries:
+        try:
+            plan = make_plan(prob, s, o, algorithm)
+        except (Infeasible, PlannerLimit) as e:
+            errors.append(str(e))
+            continue
+        if all(plan.stages != p.stages for p in out):
+            out.append(plan)
+    if not out:
+        raise Infeasible(errors[0])
+    return out
+
+
 def choose(
     profile: Profile,
     prompts: int,
@@ -138,8 +167,9 @@ def choose(
 ) -> Choice:
     """The best (plan, micro-batch size, micro-batches in flight) by predicted throughput.
 
-    make_plan(problem) -> Plan plans for one candidate (the DP for planned strategies, or a
-    fixed plan); it may raise Infeasible. Sizes must divide `prompts`; `slots` are tried
+    make_plan(problem) -> Plan, or a list of plans to choose among (candidate_plans), for
+    one candidate size and count (the DP for planned strategies, or a fixed plan); it may
+    raise Infeasible. Sizes must divide `prompts`; `slots` are tried
     as given (capped at the number of micro-batches)."""
     candidates, best, best_key = [], None, None
     for b in sizes:
@@ -150,22 +180,26 @@ def choose(
             row = {"micro_batch_size": b, "micro_batches": s}
             try:
                 prob = make_problem(profile, b, profile_strategy, slots=s)
-                plan = make_plan(prob)
+                plans = make_plan(prob)
             except (Infeasible, PlannerLimit) as e:
                 candidates.append(row | {"feasible": False, "error": str(e)})
                 continue
-            pred = predict(plan, prob, groups, s, order)
-            row |= {
-                "feasible": True,
-                "stages": [[st.rank, st.start, st.end] for st in plan.stages],
-                "predicted_tokens_per_s": pred.tokens_per_s,
-                "max_micro_batches": max_in_flight(plan, profile, b),
-            }
-            candidates.append(row)
-            # Highest throughput; within TIE of it, the smallest footprint (b * s).
-            key = (pred.tokens_per_s, -b * s)
-            if best is None or _better(key, best_key):
-                best, best_key = Choice(plan, b, s, pred, prob), key
+            for plan in plans if isinstance(plans, list) else [plans]:
+                pred = predict(plan, prob, groups, s, order)
+                candidates.append(
+                    row
+                    | {
+                        "feasible": True,
+                        "plan": f"{plan.strategy}/{plan.objective}",
+                        "stages": [[st.rank, st.start, st.end] for st in plan.stages],
+                        "predicted_tokens_per_s": pred.tokens_per_s,
+                        "max_micro_batches": max_in_flight(plan, profile, b),
+                    }
+                )
+                # Highest throughput; within TIE of it, the smallest footprint (b * s).
+                key = (pred.tokens_per_s, -b * s)
+                if best is None or _better(key, best_key):
+                    best, best_key = Choice(plan, b, s, pred, prob), key
     if best is None:
         reasons = "; ".join(
             f"b={c['micro_batch_size']} x {c['micro_batches']}: {c['error']}" for c in candidates

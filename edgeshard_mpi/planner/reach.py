@@ -82,10 +82,14 @@ def probe(seg, hop, ret, src: int, limit: float):
     # largest x: one max over k, on int16.
     pv_flat = np.ascontiguousarray(pv.transpose(1, 0, 2)).reshape(m, m * n1).astype(np.int16)
     far16 = far.astype(np.int16)
+    # A state whose remaining units exceed what the devices left can hold within the
+    # limit (each at most its longest feasible range) cannot finish: dropped.
+    cap = (far - np.arange(n1)[None, :]).max(axis=1).astype(np.int64)  # [j]
+    left_cap = _subset_sums(cap)[::-1]  # [S]: sum of cap over devices not in S
     for c in range(1, m):
         lvl = levels[c]
         r = reach[lvl]
-        live = (r >= 0).any(axis=1)
+        live = ((r >= 0) & (r.astype(np.int64) + left_cap[lvl][:, None] >= n)).any(axis=1)
         lvl, r = lvl[live], r[live]
         if len(lvl) == 0:
             break
@@ -109,6 +113,14 @@ def probe(seg, hop, ret, src: int, limit: float):
             if ret_ok[j] and (got == n).any():
                 return _path((int(tgt[int(np.argmax(got == n))]), j), reach, start, prev, n)
     return None
+
+
+def _subset_sums(values: np.ndarray) -> np.ndarray:
+    """sums[S] = sum of values[d] for d in S, over every subset S."""
+    out = np.zeros(1, dtype=values.dtype)
+    for v in values:
+        out = np.concatenate([out, out + v])
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,15 +24,25 @@ def paper_algorithm2(
     strategy: str = "edgeshard",
     max_devices: int = 15,
     deadline_s: float | None = None,
+    devices: list[int] | None = None,
 ) -> Plan:
+    """Algorithm 2 over `devices` (default: all; the source always)."""
     t0 = time.perf_counter()
     m, n, s0 = prob.n_devices, prob.n_units, prob.source
+    allowed = sorted(set(range(m) if devices is None else devices) | {s0})
     if m > max_devices:
         raise PlannerLimit(
             f"paper Algorithm 2 over {m} devices needs 2^{m} device subsets; limit is {max_devices}"
         )
+    need = (n + 1) * (1 << m) * m * 32.0  # g and its back pointers
+    if need > 1e9:
+        raise PlannerLimit(
+            f"paper Algorithm 2 over {m} devices x {n} units would need {need / 1e9:.1f} GB "
+            "(2^M device subsets per unit); use --algorithm exact"
+        )
     full = 1 << m
     seg = segment_costs(prob, list(range(m)))
+    seg[[d for d in range(m) if d not in allowed]] = np.inf
     hop, ret = prob.hop_matrix(), prob.return_s()
     g = np.full((n + 1, full, m), np.inf)
     back = np.full((n + 1, full, m, 3), -1, dtype=np.int64)  # previous (i, S, k)
