@@ -79,16 +79,20 @@ def write_run(path: str | Path, run: dict) -> Path:
     devices, workload, ranks, stages, events, summary (see build_record for the keys).
     The file is complete or absent, never replaces another (outfiles.publish: a name taken
     meanwhile becomes name-2.h5), and gets mode 0666 minus the umask."""
+    import io
+
     from .outfiles import publish
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            for k, v in run["attrs"].items():
-                f.attrs[k] = json.dumps(v) if isinstance(v, dict | list) else v
-            _write_groups(f, run)
-
-    return publish(write, Path(path))
+    # Built in memory, then written with plain file I/O: a full disk is then one clean
+    # OSError (ENOSPC), where HDF5 would fail inside its own close and crash later.
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        for k, v in run["attrs"].items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, dict | list) else v
+        _write_groups(f, run)
+    data = buf.getbuffer()
+    return publish(lambda tmp: tmp.write_bytes(data), Path(path))
 
 
 def _write_groups(f: h5py.File, run: dict) -> None:

@@ -491,8 +491,8 @@ def _infer(
         except OSError as e:  # one line, then end the job: the journal keeps what is done
             log.error(
                 f"results disk: cannot journal group {todo[group]} ({e.strerror}); the "
-                f"{len(journal.done) + finished[0] - (groups - len(todo))} group(s) before it "
-                f"are in {journal.path}: free space, then resume with --resume {journal.path}"
+                f"{finished[0]} group(s) finished before it are in {journal.path}: free "
+                f"space, then resume with --resume {journal.path}"
             )
             tp.comm.Abort(EXIT_USER_ERROR)
         n = int(np.sum(res.tokens[group] >= 0))
