@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import data_dir, median, run_job
+from .overhead import hop_transport_ms
 
+RANKS = (1, 2, 4)
 CACHE = Path(os.environ.get("EDGESHARD_LLAMACPP_CACHE", Path.home() / ".cache/edgeshard-llamacpp"))
 SDIST = "llama-cpp-python"
 TARGETS = ("llama-bench", "ggml-rpc-server")
@@ -195,7 +197,14 @@ def llama_bench(lc: dict, gguf: Path, servers: int, n_gen: int, n_prompt: int) -
 
 
 def project(
-    n: int, model: str, kernels: str, out: Path, n_gen: int, n_prompt: int, prompts: int
+    n: int,
+    model: str,
+    kernels: str,
+    out: Path,
+    n_gen: int,
+    n_prompt: int,
+    prompts: int,
+    env: dict | None = None,
 ) -> tuple:
     """(decode ms/token, prompt tokens/s, run) of this project on n ranks, 1 thread each."""
     job = {
@@ -216,7 +225,7 @@ def project(
     data = data_dir()
     if data is not None:
         job["workload"]["dataset"] = str((data / "wikitext-2-raw-v1" / "wiki.test.raw").resolve())
-    run = run_job(n, job, out / f"r{n}-{kernels}.toml")
+    run = run_job(n, job, out / f"r{n}-{kernels}.toml", env=env)
     tt = run["workload"]["token_time_s"]  # [groups, steps]
     decode = np.median((tt[:, -1] - tt[:, 0]) / (tt.shape[1] - 1)) * 1e3
     prefill = np.median(tt[:, 0] - run["workload"]["group_start_s"])
@@ -252,7 +261,11 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--kernels", default="fast,exact", help="this project's kernels to run")
+    ap.add_argument(
+        "--kernels",
+        default="fast,exact",
+        help="kernels to run: the first at 1/2/4 ranks, the rest at 1",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -280,11 +293,16 @@ def main(argv=None) -> None:
                     key = (name, f"llama.cpp, main + {servers} RPC" if servers else "llama.cpp, 1")
                     rows.setdefault(key, []).append(llama_bench(lc, ggufs[name], servers, g, p))
             for k in kernels:
-                for n in (1, 2, 4):
-                    dec, pp, _ = project(n, str(path), k, out, g, p, args.prompts)
-                    rows.setdefault((name, f"this project ({k}), {n} rank"), []).append((dec, pp))
+                for n in RANKS if k == kernels[0] else (1,):
+                    dec, pp, run = project(n, str(path), k, out, g, p, args.prompts)
+                    tokens = run["summary"]["@generated_tokens"]
+                    compute = run["ranks"]["compute_s"].sum() / tokens * 1e3
+                    hop = hop_transport_ms(run) if n > 1 else 0.0
+                    rows.setdefault((name, f"this project ({k}), {n} rank"), []).append(
+                        (dec, pp, hop, compute)
+                    )
         print(f"  round {rnd + 1}/{args.rounds} done")
-    med = {k: (median([v[0] for v in vs]), median([v[1] for v in vs])) for k, vs in rows.items()}
+    med = {k: tuple(median(col) for col in zip(*vs, strict=True)) for k, vs in rows.items()}
     bw = read_bandwidth()
     report(med, models, bw, kernels, lc is not None)
     (out / "summary.json").write_text(
@@ -307,7 +325,11 @@ def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> 
     configs = []
     if have_lc:
         configs += ["llama.cpp, 1", "llama.cpp, main + 1 RPC", "llama.cpp, main + 3 RPC"]
-    configs += [f"this project ({k}), {n} rank" for k in kernels for n in (1, 2, 4)]
+    configs += [
+        f"this project ({k}), {n} rank"
+        for k in kernels
+        for n in (RANKS if k == kernels[0] else (1,))
+    ]
     for c in configs:
         cells = []
         for m in names:
@@ -321,11 +343,15 @@ def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> 
             cells.append(f"{dec:.3f}{ratio}")
         print(f"| {c} | {' | '.join(cells)} |")
     for m in names:
-        for k in kernels:
-            one = med[(m, f"this project ({k}), 1 rank")][0]
-            for n in (2, 4):
-                d = med[(m, f"this project ({k}), {n} rank")][0]
-                print(f"{m}, {k}: {n} ranks add {(d - one) / (n - 1):.3f} ms per extra rank")
+        k = kernels[0]
+        one = med[(m, f"this project ({k}), 1 rank")]
+        for n in RANKS[1:]:
+            many = med[(m, f"this project ({k}), {n} rank")]
+            print(
+                f"{m}, {k}: {n} ranks add {(many[0] - one[0]) / (n - 1):.3f} ms per extra rank "
+                f"(per hop: transport {many[2]:.3f} ms, send start to receive end; summed "
+                f"compute +{(many[3] - one[3]) / (n - 1):.3f} ms per extra rank)"
+            )
         if have_lc:
             one = med[(m, "llama.cpp, 1")][0]
             for s in (1, 3):
