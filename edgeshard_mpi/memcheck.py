@@ -35,12 +35,39 @@ class Need:
         return self.weights + self.kv_cache + self.buffers + self.activations + self.logits
 
     def describe(self) -> str:
-        gb = 1e9
+        unit, div = _unit(self.total)
         return (
-            f"weights {self.weights / gb:.2f} + KV cache {self.kv_cache / gb:.2f} + buffers "
-            f"{self.buffers / gb:.2f} + activations {self.activations / gb:.2f} + logits "
-            f"{self.logits / gb:.2f} GB"
+            f"weights {self.weights / div:.2f} + KV cache {self.kv_cache / div:.2f} + buffers "
+            f"{self.buffers / div:.2f} + activations {self.activations / div:.2f} + logits "
+            f"{self.logits / div:.2f} {unit}"
         )
+
+
+def _unit(n: float) -> tuple[str, float]:
+    """GB for real models, MB or kB for the tiny ones (a demo's 450 kB budget is not 0.00 GB)."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6)):
+        if n >= div:
+            return unit, div
+    return "kB", 1e3
+
+
+def fmt_bytes(n: float) -> str:
+    unit, div = _unit(n)
+    return f"{n / div:.2f} {unit}"
+
+
+def reserve(
+    spec: ModelSpec, dtype: str, batch: int, prompt_tokens: int, context: int, slots: int
+) -> tuple[int, int]:
+    """What the planner must hold back so that its plans pass `check`: (bytes every device
+    needs beside its units' weights and KV cache, bytes the head's device needs on top).
+    An upper bound of rank_need's extras for a rank holding one stage (the planner gives a
+    device at most one): the receive and output buffers of a hidden-state stage, one decoder
+    layer's prefill peak, and the logits."""
+    db = DTYPE_BYTES[dtype]
+    flat = batch * prompt_tokens * spec.hidden_size * db
+    act = max(layer_activation_bytes(spec, batch, prompt_tokens, context, db), 2 * flat)
+    return 2 * slots * flat + int(act * HEADROOM), batch * spec.vocab_size * FP32 * 2
 
 
 def layer_activation_bytes(spec: ModelSpec, b: int, tokens: int, context: int, db: int) -> int:
@@ -112,8 +139,8 @@ def check(
                 else ""
             )
             return (
-                f"rank {rank} ({dev.name}) would need {need.total / 1e9:.2f} GB "
-                f"({need.describe()}) but its memory budget is {budget / 1e9:.2f} GB "
+                f"rank {rank} ({dev.name}) would need {fmt_bytes(need.total)} "
+                f"({need.describe()}) but its memory budget is {fmt_bytes(budget)} "
                 f"({dev.memory_source}{runtime}); give it fewer layers, a smaller batch or "
                 "prompt, use more ranks, or set cluster.devices memory if the budget is wrong"
             )

@@ -350,6 +350,8 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
                 fixed = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
 
             def make(prob):
+                if job.runtime.check_memory:
+                    prob = _hold_back(prob, spec, job)
                 if fixed is None and pc.pipelined:  # joint over plans too (planner/pipeline.py)
                     return candidate_plans(prob, part.strategy, part.objective, part.algorithm)
                 if fixed is None:
@@ -372,6 +374,8 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
                 pipe = {"prediction": full.to_dict(), "candidates": choice.candidates}
             else:
                 prob = make_problem(prof, b, job.profile.strategy)
+                if job.runtime.check_memory:
+                    prob = _hold_back(prob, spec, job)
                 plan = make(prob)
             if job.runtime.check_memory:
                 _check_memory(plan, spec, job, devices, b, slots or 1)
@@ -391,10 +395,36 @@ def _plan(job: Job, spec, devices, prof, tp, log: Log):
             if pc.pipelined and slots is None:
                 slots = len(plan.stages)  # enough to keep every stage busy
             result = (plan, predicted, others, Decision(b, slots or 1, pc.order, pipe))
-        except (Infeasible, PlannerLimit, UserError) as e:
+        except Infeasible as e:
+            err = str(e)
+            if job.runtime.check_memory:
+                err += (
+                    " (each budget net of what a rank needs beside weights and KV cache: "
+                    "receive and send buffers, a prefill's activations; the head's device "
+                    "also the logits)"
+                )
+        except (PlannerLimit, UserError) as e:
             err = str(e)
     _agree(tp, err)
     return tp.bcast(result)
+
+
+def _hold_back(prob, spec, job: Job):
+    """The problem with every budget less what the run needs beside weights and KV cache
+    (buffers, a prefill's activations, the head's logits: memcheck.reserve), so a plan the
+    planner finds also passes the whole-memory check before loading."""
+    from dataclasses import replace
+
+    from .memcheck import reserve
+
+    wl = job.workload
+    every, head = reserve(
+        spec, job.model.dtype, prob.batch, wl.prompt_tokens, wl.context, prob.slots
+    )
+    budget = np.maximum(prob.profile.memory_budget - every, 0)
+    memory = prob.memory.copy()
+    memory[-1] += head
+    return replace(prob, profile=replace(prob.profile, memory_budget=budget), memory=memory)
 
 
 @dataclass(frozen=True)

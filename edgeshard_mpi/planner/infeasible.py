@@ -9,7 +9,14 @@ from .cost import evaluate
 from .plan import Plan
 from .problem import Infeasible, Problem
 
-GB = 1e9
+
+
+def _b(n: float) -> str:
+    """GB for real models; MB or kB for the tiny ones (450 kB is not "0.0 GB")."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
@@ -26,17 +33,17 @@ def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
     )
     if need > have:
         return (
-            f"{strategy}: infeasible: the model needs {need / GB:.1f} GB (weights "
-            f"{(need - kv) / GB:.1f} GB + KV cache {kv / GB:.2f} GB for batch {prob.batch}"
+            f"{strategy}: infeasible: the model needs {_b(need)} (weights "
+            f"{_b((need - kv))} + KV cache {_b(kv)} for batch {prob.batch}"
             f"{f' x {prob.slots} micro-batches' if prob.slots > 1 else ''}) but {who} "
-            f"hold {have / GB:.1f} GB"
+            f"hold {_b(have)}"
         )
     biggest = int(np.argmax(prob.memory))
     if prob.memory[biggest] > p.memory_budget[devices].max():
         return (
             f"{strategy}: infeasible: unit {biggest} alone needs "
-            f"{prob.memory[biggest] / GB:.2f} GB, more than any of {who} holds (at most "
-            f"{p.memory_budget[devices].max() / GB:.2f} GB)"
+            f"{_b(prob.memory[biggest])}, more than any of {who} holds (at most "
+            f"{_b(p.memory_budget[devices].max())})"
         )
     for u in range(prob.n_units):
         if not np.isfinite(prob.compute[devices, u]).any():
@@ -44,12 +51,12 @@ def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
     if prob.memory[0] > p.memory_budget[prob.source]:
         return (
             f"{strategy}: infeasible: the source {p.names[prob.source]} cannot hold unit 0 "
-            f"(the embedding, {prob.memory[0] / GB:.2f} GB; it has "
-            f"{p.memory_budget[prob.source] / GB:.2f} GB)"
+            f"(the embedding, {_b(prob.memory[0])}; it has "
+            f"{_b(p.memory_budget[prob.source])})"
         )
     return (
-        f"{strategy}: infeasible: {who} hold {have / GB:.1f} GB for the model's "
-        f"{need / GB:.1f} GB, but no split into whole layers fits their budgets"
+        f"{strategy}: infeasible: {who} hold {_b(have)} for the model's "
+        f"{_b(need)}, but no split into whole layers fits their budgets"
     )
 
 
@@ -71,7 +78,7 @@ def check_fits(plan: Plan, prob: Problem) -> Plan:
         budget = prob.profile.memory_budget[d]
         raise Infeasible(
             f"{plan.strategy}: infeasible (out of memory): {prob.profile.names[d]} would hold "
-            f"{(budget + over) / GB:.2f} GB but has {budget / GB:.2f} GB "
+            f"{_b((budget + over))} but has {_b(budget)} "
             f"({plan.describe()})"
         )
     return plan
