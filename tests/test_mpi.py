@@ -159,7 +159,7 @@ def test_stop_at_eos_matches_generate(shared_data, write_job, tmp_path):
 
 BAD_JOBS = [
     ({"model": {"source": "tiny", "colour": "red"}}, "unknown field(s) in [model]: colour"),
-    ({"model": {"source": "no-such-model"}}, "model.source: model 'no-such-model'"),
+    ({"model": {"source": "no-such-model"}}, "no-such-model' is neither a preset"),
     (
         {"model": {"source": "tiny"}, "workload": {"prompts": "many"}},
         "workload.prompts: expected int",
