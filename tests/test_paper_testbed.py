@@ -203,3 +203,28 @@ def test_13b_cloud_edge_opt_runs_up_to_batch_4_and_edge_solo_never():
                 make_plan(prob, "cloud-edge-opt", "latency")
         with pytest.raises(Infeasible):
             make_plan(prob, "edge-solo", "latency")
+
+
+def test_plan_pipeline_and_sweep_offline(tmp_path):
+    """`plan --pipeline --sweep`: the choice per strategy, candidates, a table per point
+    and a PNG; a malformed sweep is refused with exit 2."""
+    py = [sys.executable, "-m", "edgeshard_mpi", "plan", "-p", "paper-llama2-7b"]
+    png = tmp_path / "sweep.png"
+    args = ["--strategy", "edgeshard", "--strategy", "edge-solo", "--micro-batch-size", "4"]
+    out = subprocess.run(
+        [*py, *args, "--pipeline", "--sweep", "0,14:1,50", "--png", str(png), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rep = json.loads(out)
+    es, solo = rep["pipeline"]
+    assert es["micro_batch_size"] == 4 and es["candidates"]
+    assert es["tokens_per_s"] >= solo["tokens_per_s"]
+    pts = rep["sweep"]["points"]
+    assert [p["mbps"] for p in pts] == [1.0, 50.0]
+    for p in pts:
+        assert p["edgeshard"]["tokens_per_s"] >= p["edge-solo"]["tokens_per_s"] * 0.99
+    assert png.stat().st_size > 10_000
+    bad = subprocess.run([*py, "--sweep", "0:1,2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sweep" in bad.stderr

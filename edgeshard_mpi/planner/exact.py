@@ -41,7 +41,7 @@ MEMORY_BUDGET = 1.0e9  # bytes one solve may hold
 TIME_BUDGET = 8.0  # estimated seconds of DP work one solve may spend on exact passes
 CELL_S = 3e-8  # seconds per DP cell (numpy, measured on a shared 2-core machine)
 CALL_S = 2e-5  # seconds of numpy overhead per cut and pass
-TIE_BUDGET = 2.0  # estimated seconds the latency tie-break at the optimum may add
+TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
