@@ -75,7 +75,7 @@ def pipeline_choice(
         "micro_batch_size": ch.micro_batch_size,
         "micro_batches": ch.micro_batches,
         "order": order,
-        "plan_from": f"{ch.plan.strategy}/{ch.plan.objective}",
+        "plan_from": ch.plan.info.get("candidate", f"{ch.plan.strategy}/{ch.plan.objective}"),
         "plan": ch.plan.describe(),
         "tokens_per_s": ch.prediction.tokens_per_s,
         "candidates": ch.candidates,

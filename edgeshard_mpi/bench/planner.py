@@ -98,9 +98,8 @@ def pipeline_check(models, mbps_list, log) -> list[dict]:
                             prof, make_plan=lambda p, n=name: make_plan(p, n, "throughput"), **kw
                         )
                     row[name] = ch.prediction.tokens_per_s
-                    row[name + "_plan"] = f"{ch.plan.strategy}/{ch.plan.objective} " + (
-                        f"x{ch.micro_batches}"
-                    )
+                    came = ch.plan.info.get("candidate", f"{ch.plan.strategy}/{ch.plan.objective}")
+                    row[name + "_plan"] = f"{came} x{ch.micro_batches}"
                 except Infeasible:
                     row[name] = None
             es = row["edgeshard"]
