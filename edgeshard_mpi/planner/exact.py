@@ -221,7 +221,7 @@ class Solver:
 
     def exact(self, limit: float | None) -> Outcome:
         """Least latency within `limit`, exactly, unless the budget runs out first."""
-        lb = -INF
+        lb = 0.0  # times are >= 0: a valid bound before any pass
         while True:
             mem, secs = pass_cost(self.inst, self.tracked)
             if mem > self.memory_budget or self.spent + secs > self.time_budget:
