@@ -61,8 +61,20 @@ def plan(
     source: Annotated[int | None, typer.Option(help="device index of the source")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     list_: Annotated[bool, typer.Option("--list", help="list shipped profiles")] = False,
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="the pipelined choice a job would make")
+    ] = False,
+    prompts: Annotated[int, typer.Option(help="prompts in the workload (--pipeline)")] = 8,
+    micro_batch_size: Annotated[int | None, typer.Option(help="fixed (default: auto)")] = None,
+    micro_batches: Annotated[int | None, typer.Option(help="in flight (default: auto)")] = None,
+    order: Annotated[str, typer.Option(help="no-bubbles | bubbles")] = "no-bubbles",
+    sweep: Annotated[
+        str | None, typer.Option(help="A,B:MBPS,... e.g. 0,14:1,2,5,10,20,50 (a PNG too)")
+    ] = None,
+    png: Annotated[str, typer.Option(help="where --sweep writes its plot")] = "sweep.png",
 ) -> None:
-    """Plans and predictions of every strategy for a profile (offline, no MPI)."""
+    """Plans and predictions of every strategy for a profile (offline, no MPI); with
+    --pipeline the pipelined choice, with --sweep a link's bandwidth swept."""
     from .offline import format_report, plan_report, to_json
     from .planner.problem import ProfileError, shipped_profiles
 
@@ -71,6 +83,19 @@ def plan(
         if profile is None and not list_:
             typer.echo("give one with --profile NAME (or a profile file)", err=True)
             raise typer.Exit(2)
+        return
+    if pipeline or sweep:
+        from .offline_sweep import run_offline
+
+        try:
+            text = run_offline(
+                profile, strategy, objective, algorithm, profile_strategy, batch, source,
+                pipeline, prompts, micro_batch_size, micro_batches, order, sweep, png, as_json,
+            )
+        except (ProfileError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(text)
         return
     try:
         rep = plan_report(profile, objective, strategy, algorithm, profile_strategy, batch, source)

@@ -79,12 +79,19 @@ def format_report(rep: dict) -> str:
             lines.append(f"{r['strategy']:<16}{'-':>8}  {r['error']}")
             continue
         p = r["predicted"]
-        solve = r["plan"]["info"].get("solve_s")
+        info = r["plan"]["info"]
+        solve = info.get("solve_s")
+        note = ""
+        if info.get("exact") is False:  # past the exact solver's budget: say so
+            gap = info.get("gap")
+            note = f"  [heuristic: bound {info['lower_bound_s'] * 1e3:.1f} ms" + (
+                "]" if gap is None else f", gap {gap * 100:.1f}%]"
+            )
         lines.append(
             f"{r['strategy']:<16}{r['devices']:>8}{p['per_token_s'] * 1e3:>11.1f}"
             f"{p['tokens_per_s']:>10.2f}{p['bottleneck_s'] * 1e3:>10.1f}ms"
             f"{p['pipeline_tokens_per_s']:>11.2f}"
-            f"{'' if solve is None else f'{solve * 1e3:.0f}ms':>9}  {r['description']}"
+            f"{'' if solve is None else f'{solve * 1e3:.0f}ms':>9}  {r['description']}{note}"
         )
     lines += [
         "",

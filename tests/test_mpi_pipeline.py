@@ -73,10 +73,11 @@ def test_planner_chooses_micro_batches_and_predicts(write_job, tmp_path):
     p = r["pipeline"]
     b, s = r["@micro_batch_size"], r["@micro_batches"]
     cands = p["@candidates"]
+    # One row per candidate plan at each (size, count): EdgeShard's and the baselines'.
     chosen = [c for c in cands if c["micro_batch_size"] == b and c["micro_batches"] == s]
-    assert len(chosen) == 1 and chosen[0]["feasible"]
+    assert chosen and all(c["feasible"] for c in chosen)
     best = max(c["predicted_tokens_per_s"] for c in cands if c["feasible"])
-    assert chosen[0]["predicted_tokens_per_s"] >= 0.99 * best
+    assert max(c["predicted_tokens_per_s"] for c in chosen) >= 0.99 * best
     assert p["@predicted_tokens_per_s"] > 0 and p["@measured_over_predicted"] > 0
     assert p["predicted_busy_fraction"].shape == p["busy_fraction"].shape
     assert r["workload"]["generated_ids"].shape == (8, 16)

@@ -48,7 +48,7 @@ def test_70b_fits_only_with_edgeshard():
         for name in ("edge-solo", "cloud-edge-even", "cloud-edge-opt"):
             assert isinstance(plans[name], Infeasible), name
             assert "GB" in str(plans[name])
-        assert len(plans["edgeshard"].ranks) >= 10  # 276 GB over 29 GB devices
+        assert len(plans["edgeshard"].ranks) >= 10  # 276 GB over 30.5 GB devices
 
 
 def test_edgeshard_never_worse_than_cloud_edge_opt(testbed):
@@ -189,3 +189,42 @@ def test_bad_profiles_say_what_is_wrong(tmp_path, broken, words):
     path.write_text(json.dumps(base | broken))
     with pytest.raises(ProfileError, match=words):
         load_profile(path)
+
+
+def test_13b_cloud_edge_opt_runs_up_to_batch_4_and_edge_solo_never():
+    """The paper ran 13B with Cloud-Edge-Opt at batch sizes up to 4 (Sec. V.C)."""
+    prof = load_profile("paper-llama2-13b")
+    for batch, fits in ((1, True), (2, True), (4, True), (8, False)):
+        prob = make_problem(prof, batch, "average")
+        if fits:
+            assert isinstance(make_plan(prob, "cloud-edge-opt", "latency"), Plan)
+        else:
+            with pytest.raises(Infeasible):
+                make_plan(prob, "cloud-edge-opt", "latency")
+        with pytest.raises(Infeasible):
+            make_plan(prob, "edge-solo", "latency")
+
+
+def test_plan_pipeline_and_sweep_offline(tmp_path):
+    """`plan --pipeline --sweep`: the choice per strategy, candidates, a table per point
+    and a PNG; a malformed sweep is refused with exit 2."""
+    py = [sys.executable, "-m", "edgeshard_mpi", "plan", "-p", "paper-llama2-7b"]
+    png = tmp_path / "sweep.png"
+    args = ["--strategy", "edgeshard", "--strategy", "edge-solo", "--micro-batch-size", "4"]
+    out = subprocess.run(
+        [*py, *args, "--pipeline", "--sweep", "0,14:1,50", "--png", str(png), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rep = json.loads(out)
+    es, solo = rep["pipeline"]
+    assert es["micro_batch_size"] == 4 and es["candidates"]
+    assert es["tokens_per_s"] >= solo["tokens_per_s"]
+    pts = rep["sweep"]["points"]
+    assert [p["mbps"] for p in pts] == [1.0, 50.0]
+    for p in pts:
+        assert p["edgeshard"]["tokens_per_s"] >= p["edge-solo"]["tokens_per_s"] * 0.99
+    assert png.stat().st_size > 10_000
+    bad = subprocess.run([*py, "--sweep", "0:1,2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sweep" in bad.stderr

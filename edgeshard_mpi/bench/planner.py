@@ -1,206 +1,189 @@
-"""`make bench-planner`: how fast the planners are on the paper's testbed profiles.
+"""`make bench-planner`: the planner at every scale, and the pipeline check.
 
-Times, on the same inputs: the exact solvers (alike-layer fast path and the general DP),
-the paper's Algorithms 1 and 2 as published, a 20-device testbed, and the paper's
-Algorithm 2 over growing device subsets (it is exponential in devices) with the speed-up of
-the exact solver. Prints a table and writes results/bench-planner/planner.json.
+1. Solve time and peak memory (tracemalloc) of the exact solvers, both objectives, on the
+   paper's testbed resized: (devices, units, layers alike or not, device types), against
+   the targets: 15 x 82 non-uniform <= 1 s; 20 x 162 non-uniform <= 10 s; 100 devices of
+   <= 4 types <= 10 s, exact; 200 distinct devices: a plan in <= 30 s; peak <= 1 GB.
+2. The pipeline check: over the shipped profiles and a 1-50 Mb/s source-cloud sweep,
+   EdgeShard's pipelined choice (plan x micro-batch size x count in flight) predicts at
+   least the tokens/s of Cloud-Edge-Opt's and Edge-Solo's own choices.
 
-    python -m edgeshard_mpi.bench.planner [--repeats 5] [--deadline 300] [--out DIR]
+    python -m edgeshard_mpi.bench.planner [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import statistics
 import time
+import tracemalloc
 from pathlib import Path
 
-import numpy as np
-
+from ..planner.baselines import make_plan
 from ..planner.chain import solve_chain
 from ..planner.cost import evaluate
-from ..planner.latency import paper_algorithm1
-from ..planner.problem import Infeasible, PlannerLimit, make_problem, profile_from_dict
-from ..planner.roofline import paper_testbed
-from ..planner.throughput import paper_algorithm2
+from ..planner.pipeline import TIE, candidate_plans, choose
+from ..planner.problem import Infeasible, PlannerLimit, load_profile
+from .planner_cases import testbed_problem
 
-OBJ_KEY = {"latency": "per_token_s", "throughput": "bottleneck_s"}
-
-
-def problem(model: str, n_agx: int = 12, n_nx: int = 2):
-    d = paper_testbed(model, batch_sizes=(1,), n_agx=n_agx, n_nx=n_nx)
-    return make_problem(profile_from_dict(d, "testbed"), 1, "average")
-
-
-def timed(repeats: int, fn, *args, **kw):
-    """(median seconds, last result); an Infeasible result is returned, not raised; a
-    PlannerLimit gives (None, None)."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        try:
-            out = fn(*args, **kw)
-        except Infeasible as e:
-            out = e
-        except PlannerLimit:
-            return None, None
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+# (label, testbed_problem kwargs, time target s or None, must be exact)
+CASES = [
+    ("15 x 82, alike layers", dict(devices=15), None, True),
+    ("15 x 82, non-uniform", dict(devices=15, jitter=0.1), 1.0, True),
+    ("20 x 82, non-uniform", dict(devices=20, jitter=0.1), None, True),
+    ("20 x 162, non-uniform", dict(devices=20, units=162, jitter=0.1), 10.0, True),
+    (
+        "100 x 82, 4 types, non-uniform",
+        dict(devices=100, nx=30, jitter=0.1, typed=True),
+        10.0,
+        True,
+    ),
+    ("200 x 82, distinct, non-uniform", dict(devices=200, nx=60, jitter=0.1), 30.0, False),
+]
+MEMORY_TARGET = 1e9
 
 
-def value(plan, prob, objective: str) -> float | None:
-    if plan is None or isinstance(plan, Infeasible):
-        return None
-    return float(getattr(evaluate(plan, prob), OBJ_KEY[objective]))
+def solve_row(label, kw, objective):
+    prob = testbed_problem(model="llama2-70b", **kw)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        plan = solve_chain(prob, objective)
+        err = None
+    except (Infeasible, PlannerLimit) as e:
+        plan, err = None, str(e)
+    secs = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    row = {
+        "case": label,
+        "devices": prob.n_devices,
+        "units": prob.n_units,
+        "objective": objective,
+        "seconds": secs,
+        "peak_bytes": peak,
+        "error": err,
+    }
+    if plan is not None:
+        ev = evaluate(plan, prob)
+        row |= {
+            "types": plan.info.get("types"),
+            "exact": plan.info.get("exact", True),
+            "tie_break_exact": plan.info.get("tie_break_exact", True),
+            "algorithm": plan.info.get("algorithm"),
+            "gap": plan.info.get("gap"),
+            "value_s": ev.latency_s if objective == "latency" else ev.bottleneck_s,
+            "stages": len(plan.stages),
+        }
+    return row
 
 
-def n_stages(plan) -> int | None:
-    return None if plan is None or isinstance(plan, Infeasible) else len(plan.stages)
-
-
-def solvers_on_testbeds(repeats: int, deadline: float, log) -> list[dict]:
+def pipeline_check(models, mbps_list, log) -> list[dict]:
     rows = []
-    cases = [(m, 12, 2) for m in ("llama2-7b", "llama2-13b", "llama2-70b")]
-    cases.append(("llama2-70b", 17, 2))  # 20 devices
-    for model, agx, nx in cases:
-        prob = problem(model, agx, nx)
-        for objective in ("latency", "throughput"):
-            for method in ("uniform", "general"):
-                reps = repeats if method == "uniform" else 1
-                t, plan = timed(reps, solve_chain, prob, objective, method=method)
-                row = {
-                    "model": model,
-                    "devices": prob.n_devices,
-                    "units": prob.n_units,
-                    "objective": objective,
-                    "solver": f"exact-{method}",
-                    "seconds": t,
-                    "value_s": value(plan, prob, objective),
-                    "stages": n_stages(plan),
-                }
-                rows.append(row)
-                log(row)
-            if prob.n_devices <= 15:
-                if objective == "latency":
-                    t, plan = timed(1, paper_algorithm1, prob)
-                else:
-                    t, plan = timed(1, paper_algorithm2, prob, deadline_s=deadline)
-                row = {
-                    "model": model,
-                    "devices": prob.n_devices,
-                    "units": prob.n_units,
-                    "objective": objective,
-                    "solver": "paper-algorithm-" + ("1" if objective == "latency" else "2"),
-                    "seconds": t,
-                    "value_s": None if plan is None else value(plan, prob, objective),
-                    "stages": None
-                    if plan is None or isinstance(plan, Infeasible)
-                    else len(plan.stages),
-                }
-                rows.append(row)
-                log(row)
-    return rows
-
-
-def algorithm2_scaling(deadline: float, log) -> list[dict]:
-    """Algorithm 2 vs the exact throughput solver on 70B over the source, k-2 AGX and the
-    cloud server, k growing until Algorithm 2 passes its deadline."""
-    rows = []
-    for k in range(3, 16):
-        prob = problem("llama2-70b", n_agx=k - 1, n_nx=0)
-        t_exact, exact = timed(3, solve_chain, prob, "throughput")
-        t0 = time.perf_counter()
-        try:
-            paper = paper_algorithm2(prob, deadline_s=deadline)
-            t_paper = time.perf_counter() - t0
-        except PlannerLimit as e:
-            row = {"devices": k, "paper_s": None, "exact_s": t_exact, "note": str(e)}
+    kw = dict(prompts=8, sizes=(1,), slots=(1, 2, 4), order="no-bubbles")
+    for model in models:
+        base = load_profile(f"paper-llama2-{model}")
+        for mbps in mbps_list:
+            bw = base.bandwidth.copy()
+            bw[base.source, base.cloud] = bw[base.cloud, base.source] = mbps * 1e6 / 8
+            prof = dataclasses.replace(base, bandwidth=bw)
+            row = {"model": model, "mbps": mbps}
+            for name in ("edgeshard", "cloud-edge-opt", "edge-solo"):
+                try:
+                    if name == "edgeshard":
+                        ch = choose(prof, make_plan=lambda p: candidate_plans(p, "edgeshard"), **kw)
+                    else:
+                        ch = choose(
+                            prof, make_plan=lambda p, n=name: make_plan(p, n, "throughput"), **kw
+                        )
+                    row[name] = ch.prediction.tokens_per_s
+                    came = ch.plan.info.get("candidate", f"{ch.plan.strategy}/{ch.plan.objective}")
+                    row[name + "_plan"] = f"{came} x{ch.micro_batches}"
+                except Infeasible:
+                    row[name] = None
+            es = row["edgeshard"]
+            row["ok"] = es is not None and all(
+                row[b] is None or es >= row[b] * (1 - TIE) for b in ("cloud-edge-opt", "edge-solo")
+            )
             rows.append(row)
             log(row)
-            break
-        except Infeasible as e:
-            paper, t_paper = e, time.perf_counter() - t0
-        v_exact, v_paper = value(exact, prob, "throughput"), value(paper, prob, "throughput")
-        row = {
-            "devices": k,
-            "paper_s": t_paper,
-            "exact_s": t_exact,
-            "speedup": t_paper / t_exact,
-            "paper_bottleneck_s": v_paper,
-            "exact_bottleneck_s": v_exact,
-            "same_optimum": v_paper == v_exact
-            or (v_paper is not None and v_exact is not None and np.isclose(v_paper, v_exact)),
-        }
-        rows.append(row)
-        log(row)
     return rows
+
+
+def yes(x) -> str:
+    return "yes" if x else "no"
 
 
 def fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+    return "-" if x is None else (f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--deadline", type=float, default=300.0, help="seconds per Algorithm 2 run")
+    ap.add_argument(
+        "--quick", action="store_true", help="skip the 20 x 162 case, fewer sweep points"
+    )
     ap.add_argument("--out", type=Path, default=Path("results/bench-planner"))
     args = ap.parse_args(argv)
 
     def log(row):
-        print("  " + json.dumps({k: v for k, v in row.items() if k != "note"}), flush=True)
+        print("  " + json.dumps(row, default=str), flush=True)
 
-    print("exact solvers and the paper's algorithms on the paper testbed profiles:")
-    rows = solvers_on_testbeds(args.repeats, args.deadline, log)
-    print(f"paper Algorithm 2 vs exact throughput, 70B, growing device sets ({args.deadline} s):")
-    scaling = algorithm2_scaling(args.deadline, log)
-
-    print()
-    print(f"{'model':<12}{'dev':>4}{'objective':>11}  {'solver':<20}{'time':>10}{'value':>12}")
-    for r in rows:
-        v = "infeasible" if r["value_s"] is None else f"{r['value_s'] * 1e3:.2f} ms"
-        t = "> limit" if r["seconds"] is None else fmt_s(r["seconds"])
-        if r["seconds"] is None:
-            v = "-"
-        print(
-            f"{r['model']:<12}{r['devices']:>4}{r['objective']:>11}  {r['solver']:<20}"
-            f"{t:>10}{v:>12}"
-        )
-    print("> limit: Algorithm 2 passed --deadline, or the general DP its memory cap (2 GB)")
-    print()
-    print(f"{'devices':>8}{'Algorithm 2':>14}{'exact':>10}{'speed-up':>10}  same optimum")
-    for r in scaling:
-        if r["paper_s"] is None:
-            print(f"{r['devices']:>8}{'> deadline':>14}{fmt_s(r['exact_s']):>10}")
+    print("solvers (paper testbed, Llama2-70B, resized; seconds on this machine):")
+    rows = []
+    for label, kw, target, must_exact in CASES:
+        if args.quick and kw.get("units") == 162:
             continue
-        print(
-            f"{r['devices']:>8}{fmt_s(r['paper_s']):>14}{fmt_s(r['exact_s']):>10}"
-            f"{r['speedup']:>9.0f}x  {r['same_optimum']}"
-        )
-    targets = {
-        (15, "latency"): 0.1,
-        (15, "throughput"): 1.0,
-        (20, "latency"): 30.0,
-        (20, "throughput"): 30.0,
-    }
+        for objective in ("latency", "throughput"):
+            r = solve_row(label, kw, objective) | {"target_s": target, "must_exact": must_exact}
+            rows.append(r)
+            log(r)
+    print("pipeline check (EdgeShard's choice vs the baselines' own choices, tokens/s):")
+    mbps = (1, 10, 50) if args.quick else (1, 2, 5, 10, 20, 50)
+    pipe = pipeline_check(("7b", "13b", "70b"), mbps, log)
+
     print()
-    for (dev, obj), limit in targets.items():
-        t = next(
-            r["seconds"]
-            for r in rows
-            if r["model"] == "llama2-70b"
-            and r["devices"] == dev
-            and r["objective"] == obj
-            and r["solver"] == "exact-uniform"
+    print(
+        f"{'case':<34}{'objective':>11}{'time':>10}{'peak':>9}{'types':>6}{'exact':>7}"
+        f"{'ties':>6}{'gap':>8}  verdict"
+    )
+    for r in rows:
+        verdict = []
+        if r["error"]:
+            verdict.append("ERROR " + r["error"][:60])
+        if r["target_s"] is not None:
+            verdict.append(
+                "time ok" if r["seconds"] <= r["target_s"] else f"MISSED {r['target_s']} s"
+            )
+        verdict.append("mem ok" if r["peak_bytes"] <= MEMORY_TARGET else "MEM MISSED")
+        if r["must_exact"] and not r.get("exact", False):
+            verdict.append("NOT EXACT")
+        gap = r.get("gap")
+        print(
+            f"{r['case']:<34}{r['objective']:>11}{fmt_s(r['seconds']):>10}"
+            f"{r['peak_bytes'] / 1e6:>7.0f}MB{r.get('types') or '-':>6}"
+            f"{yes(r.get('exact')):>7}{yes(r.get('tie_break_exact')):>6}"
+            f"{'-' if gap is None else f'{gap * 100:.1f}%':>8}  {', '.join(verdict)}"
         )
-        verdict = "ok" if t < limit else "MISSED"
-        print(f"target: 70B, {dev} devices, exact {obj} < {limit} s: {fmt_s(t)} {verdict}")
+    print("ties: 'yes' when the least latency among bottleneck-optimal plans was proven")
+    print()
+    print(
+        f"{'model':>6}{'Mb/s':>6}{'edgeshard':>11}{'c-e-opt':>9}{'solo':>8}  check  edgeshard plan"
+    )
+    for r in pipe:
+
+        def f(x):
+            return "OOM" if x is None else f"{x:.1f}"
+
+        print(
+            f"{r['model']:>6}{r['mbps']:>6}{f(r['edgeshard']):>11}{f(r['cloud-edge-opt']):>9}"
+            f"{f(r['edge-solo']):>8}  {'ok' if r['ok'] else 'LOSES':>5}  "
+            f"{r.get('edgeshard_plan', '')}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "planner.json"
-    out.write_text(json.dumps({"solvers": rows, "algorithm2_scaling": scaling}, indent=1))
+    out.write_text(json.dumps({"solvers": rows, "pipeline": pipe}, indent=1, default=str))
     print(f"wrote {out}")
 
 

@@ -60,8 +60,6 @@ def _links_split(prob: Problem, members) -> bool:
             ia, ib = np.asarray(a), np.asarray(b)
             la, ba = lat[np.ix_(ia, ib)], bw[np.ix_(ia, ib)]
             off = ~np.equal.outer(ia, ib)
-            if off.any() and not (
-                np.all(la[off] == la[off][0]) and np.all(ba[off] == ba[off][0])
-            ):
+            if off.any() and not (np.all(la[off] == la[off][0]) and np.all(ba[off] == ba[off][0])):
                 return False
     return True

@@ -41,7 +41,7 @@ MEMORY_BUDGET = 1.0e9  # bytes one solve may hold
 TIME_BUDGET = 8.0  # estimated seconds of DP work one solve may spend on exact passes
 CELL_S = 3e-8  # seconds per DP cell (numpy, measured on a shared 2-core machine)
 CALL_S = 2e-5  # seconds of numpy overhead per cut and pass
-TIE_BUDGET = 2.0  # estimated seconds the latency tie-break at the optimum may add
+TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -146,6 +146,15 @@ def _pass(inst: Instance, limit: float | None, tracked: list[int], order=None):
     b_cut = np.full((n + 1, t, r_all + 1), -1, dtype=np.int32)
     b_typ = np.full((n + 1, t, r_all + 1), -1, dtype=np.int32)
     b_r = np.zeros((n + 1, t, r_all + 1), dtype=np.int32)
+    # Tracked runs: each type's move r -> r + stride is a slice of a reshaped view (no
+    # fancy indexing): (block, digit, stride), digits 0..c-1 move to 1..c.
+    views = []
+    for u in range(t):
+        if u in tracked:
+            k = tracked.index(u)
+            views.append((int(strides[k]), caps[k]))
+        else:
+            views.append(None)
     r0 = int(tgt[inst.src, 0])
     dp[1:, inst.src, r0] = seg[inst.src, 0, 1:]
     b_cut[1:, inst.src, r0] = 0
@@ -157,6 +166,9 @@ def _pass(inst: Instance, limit: float | None, tracked: list[int], order=None):
         jb = base.argmin(axis=0)  # [to, r]
         bv = np.take_along_axis(base, jb[None], 0)[0]
         if not np.isfinite(bv).any():
+            continue
+        if tracked and order is None:
+            _update_views(dp, b_cut, b_typ, b_r, views, bv, jb, seg, i, r_all)
             continue
         cand = bv[None, :, :] + seg[:, i, i + 1 :].T[:, :, None]  # [L, to, r]
         cur = dp[i + 1 :, uu, tgt]  # [L, to, r]
@@ -185,6 +197,34 @@ def _pass(inst: Instance, limit: float | None, tracked: list[int], order=None):
             break
         e, u, r = s, pu, pr
     return value, path[::-1]
+
+
+def _update_views(dp, b_cut, b_typ, b_r, views, bv, jb, seg, i, r_all) -> None:
+    """One cut's relaxation for every target type, through views (see _pass)."""
+    n1 = dp.shape[0]
+    big = n1 - (i + 1)
+    rs = np.arange(r_all)
+    for u, v in enumerate(views):
+        row = bv[u]
+        if not np.isfinite(row).any():
+            continue
+        cand = row[None, :] + seg[u, i, i + 1 :][:, None]  # [L, r]
+        dst, bc, bt, br = (a[i + 1 :, u, :r_all] for a in (dp, b_cut, b_typ, b_r))
+        src_j, src_r = jb[u], rs
+        if v is not None:
+            stride, cap = v
+            shape = (big, r_all // (stride * (cap + 1)), cap + 1, stride)
+            cand = cand.reshape(shape)[:, :, :cap, :]
+            dst, bc, bt, br = (a.reshape(shape)[:, :, 1:, :] for a in (dst, bc, bt, br))
+            src_j = src_j.reshape(shape[1:])[:, :cap, :]
+            src_r = src_r.reshape(shape[1:])[:, :cap, :]
+        better = cand < dst
+        if not better.any():
+            continue
+        np.copyto(dst, cand, where=better)
+        np.copyto(bc, i, where=better)
+        np.copyto(bt, src_j[None], where=better)
+        np.copyto(br, src_r[None], where=better)
 
 
 def _over_used(inst: Instance, path) -> list[int]:
@@ -221,7 +261,7 @@ class Solver:
 
     def exact(self, limit: float | None) -> Outcome:
         """Least latency within `limit`, exactly, unless the budget runs out first."""
-        lb = -INF
+        lb = 0.0  # times are >= 0: a valid bound before any pass
         while True:
             mem, secs = pass_cost(self.inst, self.tracked)
             if mem > self.memory_budget or self.spent + secs > self.time_budget:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .chain import solve_chain
 from .plan import Plan
-from .problem import Infeasible, Problem
+from .problem import Infeasible, PlannerLimit, Problem
 
 
 def paper_algorithm1(
@@ -30,6 +30,12 @@ def paper_algorithm1(
         allowed[sorted(set(devices) | {prob.source})] = True
         c = np.where(allowed[:, None], c, np.inf)
     m, n, s = prob.n_devices, prob.n_units, prob.source
+    need = 8.0 * n * m * m * 2  # the memory-left table and the hops
+    if need > 1e9:
+        raise PlannerLimit(
+            f"paper Algorithm 1 over {m} devices x {n} units would need {need / 1e9:.1f} GB; "
+            "use --algorithm exact"
+        )
     hop = prob.hop_matrix()  # hop[i, k, j]: output of unit i-1 from k to j (0 if k == j)
     dp = np.full((n, m), np.inf)
     pred = np.full((n, m), -1)

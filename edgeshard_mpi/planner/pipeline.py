@@ -150,7 +150,9 @@ def candidate_plans(
             errors.append(str(e))
             continue
         if all(plan.stages != p.stages for p in out):
-            out.append(plan)
+            # Labelled as the job's plan; where it came from stays in info["candidate"].
+            info = plan.info | {"candidate": f"{plan.strategy}/{plan.objective}"}
+            out.append(Plan(plan.stages, strategy, objective, info))
     if not out:
         raise Infeasible(errors[0])
     return out
@@ -190,7 +192,7 @@ def choose(
                     row
                     | {
                         "feasible": True,
-                        "plan": f"{plan.strategy}/{plan.objective}",
+                        "plan": plan.info.get("candidate", f"{plan.strategy}/{plan.objective}"),
                         "stages": [[st.rank, st.start, st.end] for st in plan.stages],
                         "predicted_tokens_per_s": pred.tokens_per_s,
                         "max_micro_batches": max_in_flight(plan, profile, b),
