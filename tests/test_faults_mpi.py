@@ -267,7 +267,7 @@ def test_full_disk_loses_at_most_the_group_in_progress(size, lost, reference, tm
         shutil.copy(journal, saved / journal.name)
         left = sorted(p.name for p in disk.iterdir())
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: a dying rank may hold it
     assert rc == 2, err
     assert "Traceback" not in err and err.count("error:") == 1
     assert "No space left on device" in err and str(journal) in err and "--resume" in err
