@@ -291,6 +291,7 @@ def bad(tmp_path):
         ("report-not-hdf5", "no run files"),
         ("testbed-missing-job", "not found"),
         ("testbed-bad-command", "--command"),
+        ("testbed-binary-file", "not a valid TOML text file"),
     ],
 )
 def test_bad_command_input_exits_2(case, message, bad, tmp_path):
@@ -307,6 +308,7 @@ def test_bad_command_input_exits_2(case, message, bad, tmp_path):
         "report-binary": ["report", str(bad["binary"]), "--out", str(tmp_path / "rep")],
         "report-not-hdf5": ["report", str(tmp_path / "run.h5"), "--out", str(tmp_path / "rep")],
         "testbed-missing-job": ["testbed", "launch", "small", str(tmp_path / "absent.toml")],
+        "testbed-binary-file": ["testbed", "status", str(bad["binary"])],
         "testbed-bad-command": ["testbed", "launch", "small", str(bad["taken"]), "--command", "rm"],
     }[case]
     if case == "hosts-negative-n":
