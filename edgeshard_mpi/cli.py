@@ -118,8 +118,15 @@ def schedule(
     """Print a pipeline schedule as a time x rank chart (unit decode cost per stage)."""
     from . import schedule as sch
 
-    if order not in sch.ORDERS or min(stages, micro_batches, steps) < 1:
+    if order not in sch.ORDERS or min(stages, micro_batches, steps) < 1 or groups < 0:
         typer.echo(f"error: order in {sch.ORDERS}; stages, micro-batches, steps >= 1", err=True)
+        raise typer.Exit(2)
+    if stages * steps * max(groups, micro_batches) > 100_000 or not prefill > 0 or hop < 0:
+        typer.echo(
+            "error: a chart of at most 100000 actions (stages x steps x groups), with "
+            "prefill > 0 and hop >= 0; use smaller numbers",
+            err=True,
+        )
         raise typer.Exit(2)
     shape = sch.Shape(groups or micro_batches, micro_batches, steps)
     typer.echo(

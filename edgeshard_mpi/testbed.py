@@ -133,9 +133,9 @@ def load_testbed(name: str | Path) -> Testbed:
 
     path = find_testbed(str(name))
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise TestbedError(f"{path}: not valid TOML: {e}") from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise TestbedError(f"{path}: not a valid TOML text file: {e}") from None
     raw = data.get("devices")
     if not isinstance(raw, list) or not raw:
         raise TestbedError(f"{path}: list the devices as [[devices]] tables")

@@ -7,13 +7,13 @@ it forever. So every rank runs a small thread that
   world, so it never mixes with data messages), with its phase, how long ago it last made
   progress and how busy its CPU is;
 - when this rank has seen no progress of its own for `limit` seconds, pings every rank. A
-  rank that does not answer within PING_WAIT_S is stalled. If every rank answers, each is
+  rank that misses PING_ROUNDS pings of PING_WAIT_S each is stalled. If every rank answers, each is
   waiting on a message and none has progressed within the limit, the job is deadlocked
   and the rank idle longest is blamed. If some rank is working (outside a wait: a long
   plan, a slow layer), all is well and the check repeats later;
 - the lowest-numbered live rank prints one line naming the stalled rank, its host and the
-  phase, and aborts the job (MPI_Abort kills stopped processes too); the others wait a
-  grace period so the message is printed once.
+  phase, and aborts the job (MPI_Abort kills stopped processes too); the others defer to
+  it (and check again later, in case it went silent too), so the message is printed once.
 
 Progress is `beat()` (every action of the runtime, every profiled unit) and `phase()`.
 The thread also notices when this process itself was frozen (its 0.25 s tick arrived
@@ -38,7 +38,7 @@ import time
 PING, PONG = 30001, 30002
 TICK_S = 0.25
 PING_WAIT_S = 3.0
-GRACE_S = 4.0
+PING_ROUNDS = 2
 FROZEN_GAP_S = 1.5
 DEFAULT_LIMIT_S = 300.0
 """Before the plan predicts a step time (devices, profiling, loading)."""
@@ -139,6 +139,8 @@ class Watchdog(threading.Thread):
         self._halt = threading.Event()
         self._round = 0
         self._sends: list = []
+        self._seen: dict[int, dict] = {}
+        """Each rank's last answer: the phase of a rank that went silent."""
         beat()
 
     def set_limit(self, limit_s: float) -> None:
@@ -186,44 +188,57 @@ class Watchdog(threading.Thread):
                 self._answer()
                 idle = now - _state["beat"]
                 if now >= next_check and idle > self.limit and _state["waiting"]:
-                    self._check()
-                    next_check = time.monotonic() + max(2.0, self.limit / 4)
+                    deferred = self._check()
+                    # A deferring rank waits longer: the reporter may be killing the job.
+                    pause = max(2.0, self.limit / 4) + (15.0 if deferred else 0.0)
+                    next_check = time.monotonic() + pause
             except Exception:  # MPI torn down under us: the job is ending anyway
                 return
 
-    def _check(self) -> None:
+    def _ping(self, ranks: list[int], answers: dict) -> None:
+        """Ping `ranks`; add the answers that arrive within PING_WAIT_S to `answers`."""
         from mpi4py import MPI
 
         self._round += 1
         rnd = self._round
-        others = [r for r in range(self.size) if r != self.rank]
-        reqs = [self.comm.isend(rnd, dest=r, tag=PING) for r in others]
-        answers = {self.rank: self._state()}
+        self._sends += [self.comm.isend(rnd, dest=r, tag=PING) for r in ranks]
         st = MPI.Status()
         deadline = time.monotonic() + PING_WAIT_S
-        while len(answers) < self.size and time.monotonic() < deadline:
+        while any(r not in answers for r in ranks) and time.monotonic() < deadline:
             self._answer()
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=PONG, status=st):
                 src = st.Get_source()
                 got_round, state = self.comm.recv(source=src, tag=PONG)
+                self._seen[src] = state
                 if got_round == rnd:
                     answers[src] = state
             time.sleep(0.05)
-        self._sends += reqs
+
+    def _check(self) -> bool:
+        """Ping everyone; end the job if it is stalled. True: this rank deferred to the
+        reporter (check again later)."""
+        answers = {self.rank: self._state()}
+        others = [r for r in range(self.size) if r != self.rank]
+        # A busy host can delay an answer: a rank is silent only after PING_ROUNDS misses.
+        for _ in range(PING_ROUNDS):
+            self._ping([r for r in others if r not in answers], answers)
+            if len(answers) == self.size:
+                break
         silent = [r for r in others if r not in answers]
         working = [r for r, s in answers.items() if s["age"] < self.limit or not s["waiting"]]
         if not silent and working:
-            return  # someone is computing: not a stall
+            return False  # someone is computing: not a stall
+        if min(answers) != self.rank:
+            return True  # the lowest live rank reports: one message, not one per rank
         if silent:
             culprit = silent[0]
-            what = f"stopped answering (no reply within {PING_WAIT_S:.0f} s)"
+            wait = PING_ROUNDS * PING_WAIT_S
+            what = f"stopped answering (no reply in {wait:.0f} s)"
+            ph = self._seen.get(culprit, answers[self.rank])["phase"]
         else:
             culprit = max(answers, key=lambda r: answers[r]["age"])
             what = "and every other rank made no progress"
-        reporter = min(answers)
-        if reporter != self.rank:
-            time.sleep(GRACE_S)  # the lowest live rank reports; if it did not, we do
-        ph = answers.get(culprit, answers[self.rank])["phase"]
+            ph = answers[culprit]["phase"]
         idle = answers[self.rank]["age"]
         print(
             f"[rank {self.rank}] error: stall: rank {culprit} (host {self.hosts[culprit]}) "
@@ -236,3 +251,4 @@ class Watchdog(threading.Thread):
 
         abandon()
         self.comm.Abort(EXIT_STALL)
+        return False

@@ -291,6 +291,9 @@ def bad(tmp_path):
         ("report-not-hdf5", "no run files"),
         ("testbed-missing-job", "not found"),
         ("testbed-bad-command", "--command"),
+        ("testbed-binary-file", "not a valid TOML text file"),
+        ("plan-batch-negative", "batch size -1"),
+        ("schedule-huge", "at most 100000 actions"),
     ],
 )
 def test_bad_command_input_exits_2(case, message, bad, tmp_path):
@@ -307,6 +310,9 @@ def test_bad_command_input_exits_2(case, message, bad, tmp_path):
         "report-binary": ["report", str(bad["binary"]), "--out", str(tmp_path / "rep")],
         "report-not-hdf5": ["report", str(tmp_path / "run.h5"), "--out", str(tmp_path / "rep")],
         "testbed-missing-job": ["testbed", "launch", "small", str(tmp_path / "absent.toml")],
+        "plan-batch-negative": ["plan", "--profile", "paper-llama2-7b", "--batch", "-1"],
+        "schedule-huge": ["schedule", "--stages", "100000", "--micro-batches", "100000"],
+        "testbed-binary-file": ["testbed", "status", str(bad["binary"])],
         "testbed-bad-command": ["testbed", "launch", "small", str(bad["taken"]), "--command", "rm"],
     }[case]
     if case == "hosts-negative-n":

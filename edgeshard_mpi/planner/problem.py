@@ -442,6 +442,8 @@ def make_problem(
 ) -> Problem:
     if strategy not in STRATEGIES:
         raise ValueError(f"profile strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if batch is not None and not 1 <= batch <= 2**20:
+        raise ValueError(f"batch size {batch}: must be an integer from 1 to {2**20}")
     batch = batch or profile.batch_sizes[0]
     pre, dec = profile.times(batch)
     g = profile.new_tokens
