@@ -19,7 +19,10 @@ attention, so it is not done.
 The transform is family-agnostic: it walks any nn.Module and swaps each nn.Linear (the
 attention and MLP projections of every decoder layer, and the lm_head) for a FastLinear
 that holds the only copy of the weight, transposed. The embedding is a row gather (one
-row per token), already at the memory's speed: it is left as it is.
+row per token), already at the memory's speed: it is left as it is, and so is a weight
+shared by two modules (a head tied to the embedding as one Parameter), which would
+otherwise be held twice. On CUDA the modules are left as they are (cuBLAS streams either
+layout).
 
 "exact" leaves the transformers modules untouched: bitwise equal to `transformers`.
 "fast" changes the order of the sums inside each dot product, so logits differ from
@@ -66,13 +69,26 @@ def apply_kernels(module: nn.Module, kernels: str) -> nn.Module:
         raise ValueError(f"runtime.kernels = {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels == "exact":
         return module
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and child.weight.device.type == "cpu":
-            setattr(module, name, FastLinear(child))
-            del child  # the [out, in] copy goes with the old module
-        elif not isinstance(child, FastLinear):
-            apply_kernels(child, kernels)
+    # A weight that another module also uses (a head tied to the embedding as one
+    # Parameter) keeps its layout: transposing it would hold the table twice.
+    uses: dict[int, int] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    _swap(module, uses)
     return module
+
+
+def _swap(module: nn.Module, uses: dict[int, int]) -> None:
+    for name, child in list(module.named_children()):
+        if (
+            type(child) is nn.Linear
+            and child.weight.device.type == "cpu"  # cuBLAS needs no help: CUDA keeps exact
+            and uses[child.weight.data_ptr()] == 1
+        ):
+            setattr(module, name, FastLinear(child))  # the [out, in] copy goes with child
+        elif not isinstance(child, FastLinear):
+            _swap(child, uses)
 
 
 def load_stage(spec, start: int, end: int, dtype: str, device, source, kernels: str = "fast"):

@@ -118,3 +118,33 @@ def test_ranks_agree_and_equal_generate_through_mpiexec(kernels, shared_data, wr
     assert np.array_equal(tokens[1], tokens[3])
     expected = hf_generate(path, r["workload"]["prompt_ids"], 12, batch=1)
     assert np.array_equal(tokens[1], expected)
+
+
+def test_profile_of_other_kernels_is_refused(tmp_path):
+    """Predictions use the run's kernels: a profile measured with others is refused."""
+    from dataclasses import replace
+
+    from edgeshard_mpi.planner.problem import ProfileError, load_profile
+    from edgeshard_mpi.presets import PRESETS
+    from edgeshard_mpi.runner import _check_profile
+
+    prof = load_profile("paper-llama2-7b")  # says nothing about kernels: taken as it is
+    job = parse_job('[model]\nsource = "llama2-7b"\n', tmp_path / "j")
+    _check_profile(prof, PRESETS["llama2-7b"], job, prof.n_devices)
+    _check_profile(replace(prof, meta={"kernels": "fast"}), PRESETS["llama2-7b"], job, 15)
+    with pytest.raises(ProfileError, match="measured with exact kernels"):
+        _check_profile(replace(prof, meta={"kernels": "exact"}), PRESETS["llama2-7b"], job, 15)
+
+
+def test_a_weight_shared_by_two_modules_keeps_its_layout():
+    """A head tied to the embedding as one Parameter is not transposed (no second table)."""
+    from edgeshard_mpi.kernels import apply_kernels
+
+    m = nn.Module()
+    m.embed, m.head, m.proj = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False), nn.Linear(4, 4)
+    m.head.weight = m.embed.weight
+    apply_kernels(m, "fast")
+    assert type(m.head) is nn.Linear and m.head.weight is m.embed.weight
+    assert isinstance(m.proj, FastLinear)
+    x = torch.randn(3, 4)
+    assert torch.allclose(m.proj(x), x @ m.proj.weight.T + m.proj.bias)

@@ -64,16 +64,16 @@ def idle_control_ms(model: str, stages, new_tokens: int, prompt_tokens: int = 32
     the extra compute per stage call caused by idling alone."""
     import torch
 
-    from ..model import Stage, first_position, position_ids
+    from ..kernels import load_stage
+    from ..model import first_position, position_ids
     from ..presets import resolve
     from ..weights import weight_source
 
     torch.set_num_threads(1)
     spec = resolve(model)
     src = weight_source(model, spec, "float32", 0)
-    mods = [Stage(spec, int(a), int(b)) for _, a, b in stages]
-    for m in mods:
-        m.load(src)
+    # The runs' default kernels (runtime.kernels = "fast"), so the control matches them.
+    mods = [load_stage(spec, int(a), int(b), "float32", "cpu", src) for _, a, b in stages]
     caches = [m.new_cache(1, prompt_tokens + new_tokens) for m in mods]
 
     def walk(gap: bool) -> list[float]:

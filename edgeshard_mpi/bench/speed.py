@@ -301,7 +301,8 @@ def main(argv=None) -> None:
                     rows.setdefault((name, f"this project ({k}), {n} rank"), []).append(
                         (dec, pp, hop, compute)
                     )
-        print(f"  round {rnd + 1}/{args.rounds} done")
+        last = {" | ".join(k): [round(x, 3) for x in v[-1]] for k, v in rows.items()}
+        print(f"  round {rnd + 1}/{args.rounds}: {json.dumps(last)}", flush=True)
     med = {k: tuple(median(col) for col in zip(*vs, strict=True)) for k, vs in rows.items()}
     bw = read_bandwidth()
     report(med, models, bw, kernels, lc is not None)
