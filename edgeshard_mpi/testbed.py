@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cgroups import calibrate, cgroup_dirs, cgroup_version, kill_cgroup, write_cgroups
+from .cgroups import cgroup_dirs, cgroup_version, kill_cgroup, write_cgroups
 from .job import JobError, parse_bytes
 
 SHIPPED = Path(__file__).resolve().parent / "resources" / "testbeds"
@@ -307,7 +307,6 @@ def up(tb: Testbed, log=print) -> None:
         for cmd in up_commands(tb):
             _run(cmd)
         write_cgroups(tb)
-        calibrate(tb, log=log)
     except (TestbedError, OSError, ValueError, subprocess.SubprocessError) as e:
         down(tb, log=lambda *_: None)
         raise TestbedError(f"testbed up failed and was rolled back: {e}") from None
