@@ -15,7 +15,7 @@ MPIEXEC  = $(if $(wildcard $(BIN)/mpiexec),$(BIN)/mpiexec,mpiexec)
 # Public test data beside the checkout, as CI has it; point it elsewhere if yours lives there.
 export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: install demo test lint bench-overhead bench-planner bench-pipeline bench bench-quick report clean
+.PHONY: install demo test lint bench-overhead bench-planner bench-pipeline bench-steady bench bench-quick report clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-planner: install
 
 bench-pipeline: install
 	$(BIN)/python -m edgeshard_mpi.bench.pipeline --out results/bench-pipeline
+
+# Are the emulated devices steady? 10 profiles of the small testbed (root: OS emulation).
+bench-steady: install
+	$(BIN)/python -m edgeshard_mpi.bench.steady --out results/bench-steady
 
 # The paper's experiments on the emulated testbed (root: namespaces + tc + cgroups; else
 # emulated inside the jobs). Resumable: finished runs are skipped.

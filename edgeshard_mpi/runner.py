@@ -142,7 +142,7 @@ def _testbed(job: Job, tp):
         err = f"cluster.testbed: {e}"
     _agree(tp, err)
     me = tb.devices[tp.rank]
-    if inside:  # tc shapes bandwidth and a CFS quota the speed; latency is ours to add
+    if inside:  # tc shapes bandwidth, cgroups bound memory; latency and speed are ours
         from .cgroups import join_cgroups
 
         _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
