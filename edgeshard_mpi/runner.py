@@ -141,13 +141,13 @@ def _testbed(job: Job, tp):
         err = f"cluster.testbed: {e}"
     _agree(tp, err)
     me = tb.devices[tp.rank]
-    if inside:  # tc shapes bandwidth and a CFS quota the speed; latency is ours to add
+    if inside:  # tc shapes bandwidth, cgroups bound memory; latency and speed are ours
         from .cgroups import join_cgroups
 
         _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
         join_cgroups()
         tp.emulate_links(tb.latency_s[tp.rank], None)
-        emulation.configure("os", quota=True)
+        emulation.configure("os", slowdown=1.0 / me.cpu)
         return tb, "os"
     tp.emulate_links(tb.latency_s[tp.rank], tb.bandwidth[tp.rank])
     emulation.configure("transport", slowdown=1.0 / me.cpu)
@@ -203,7 +203,10 @@ def _devices(job: Job, tp, tb=None):
         names = {i: d.name for i, d in enumerate(tb.devices)}
     budgets |= {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
     names |= {d.rank: d.name for d in job.cluster.devices if d.name}
-    devices = describe_devices(views, job.runtime.threads, budgets, names, accels, frees)
+    # A testbed device computes on one thread: its speed is its share of one core
+    # (emulation.py charges that thread's CPU time), whatever the host has.
+    threads = job.runtime.threads or (1 if tb is not None else 0)
+    devices = describe_devices(views, threads, budgets, names, accels, frees)
     torch.set_num_threads(devices[tp.rank].threads)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return devices, device

@@ -231,6 +231,7 @@ class Runtime:
 
     def _compute(self, a: sch.Action, group: int, step: int, t_start: float) -> None:
         key = (a.stage, a.slot)
+        c0 = emulation.cpu_now()
         stage = self.stages[a.stage]
         if a.stage == 0 and step == 0:
             self._res.group_start[group] = t_start - self._t0
@@ -246,7 +247,7 @@ class Runtime:
         out = stage(x.to(self.device), cache, self.positions[step], first_position(self.P, step))
         if stage.has_head:
             out = out.argmax(dim=-1)  # greedy decoding: tokens [B]
-        emulation.stretch(t_start)
+        emulation.stretch(t_start, c0)
         self._outputs[key] = out.cpu()
         if a.stage > 0:
             self._post(key)  # the receive buffer has been read

@@ -1,6 +1,7 @@
 """An emulated heterogeneous cluster on one Linux host: one network namespace per device,
 joined by a bridge, each pair's bandwidth shaped with tc (htb class + u32 filter per
-destination), each device's compute speed a CFS CPU quota and its memory a cgroup limit.
+destination), each device's compute speed its share of a core (time dilation inside the rank,
+emulation.py), its memory a cgroup limit, and CPU priority over other work on the host.
 
     edgeshard-mpi testbed up small        # root; idempotent
     edgeshard-mpi testbed launch small jobs/testbed-small.toml   # prints the mpiexec line
@@ -12,7 +13,7 @@ netem, so link latency is added by the transport (comm.DelayedSends) in both mod
 
 Without root (or with emulation = "transport") the same testbed file is emulated inside
 the process: the transport delays each message by latency + bytes / bandwidth per link, and
-the runtime stretches every compute by 1 / (cpu share) with sleeps. The HDF5 file records
+every compute is dilated by 1 / (cpu share) as in the OS testbed. The HDF5 file records
 which emulation ran.
 
 Names: every object carries a tag derived from the testbed name and the user id
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cgroups import calibrate, cgroup_dirs, cgroup_version, kill_cgroup, write_cgroups
+from .cgroups import cgroup_dirs, cgroup_version, kill_cgroup, write_cgroups
 from .job import JobError, parse_bytes
 
 SHIPPED = Path(__file__).resolve().parent / "resources" / "testbeds"
@@ -51,7 +52,7 @@ class TestbedError(ValueError):
 class Device:
     name: str
     cpu: float
-    """Cores (CFS quota / period): the device's compute speed on this host."""
+    """Share of one host core: the device's compute speed (emulation.py dilates time)."""
     memory: int
     """Bytes the model may use on this device (its budget for the planner)."""
     kind: str = ""
@@ -307,7 +308,6 @@ def up(tb: Testbed, log=print) -> None:
         for cmd in up_commands(tb):
             _run(cmd)
         write_cgroups(tb)
-        calibrate(tb, log=log)
     except (TestbedError, OSError, ValueError, subprocess.SubprocessError) as e:
         down(tb, log=lambda *_: None)
         raise TestbedError(f"testbed up failed and was rolled back: {e}") from None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeshard_mpi.bench.steady import speed_error
 from edgeshard_mpi.metrics import read_run
 from edgeshard_mpi.planner.problem import load_profile
 from edgeshard_mpi.testbed import (
@@ -195,27 +196,11 @@ def test_os_testbed_profiler_closes_the_loop(small_up, write_job, tmp_path):
     _check_links(prof, tb, 0.15)  # tc, measured by MPI ping-pong over TCP
     # The devices' budgets came from the testbed, not from the host.
     assert list(r["devices"]["memory_budget"]) == [d.memory for d in tb.devices]
-    # CFS quotas, measured by the profiler. The issue's target is 20%, met in about half of
-    # the runs on this shared host: the unthrottled reference device follows the host's speed
-    # swings (up to 1.5x between runs) while throttled ones are pinned to their calibrated
-    # quota (seen: 2.3-5.5 for a configured 4). So the test asserts what holds every time (the
-    # quotas act, in the right order, within 2x) and prints the ratios (pytest -s).
-    seen = []
-    for attempt in range(2):
-        if attempt:
-            out = tmp_path / f"again{attempt}.profile.json"
-            proc = _launch(tb, job, "profile")
-            assert proc.returncode == 0, proc.stderr
-            (tmp_path / "results" / "run.profile.json").replace(out)
-            prof = load_profile(out)
-        measured, configured = _speed_ratios(prof, tb)
-        seen.append(np.round(measured, 2).tolist())
-        print(f"speed ratios, attempt {attempt + 1}: {seen[-1]} (configured {configured})")
-        slowest = int(np.argmax(measured)) == int(np.argmin([d.cpu for d in tb.devices]))
-        if slowest and np.all((measured / configured > 0.5) & (measured / configured < 2.0)):
-            break
-    else:
-        pytest.fail(f"device speed ratios {seen} vs configured {configured.tolist()}: > 2x off")
+    # Device speeds (time dilation charging CPU time, emulation.py), measured by the
+    # profiler: each within 20% of its configured share, relative to the fastest device.
+    err = speed_error(prof, tb)
+    print(f"measured/configured speed: {np.round(err, 2).tolist()}")
+    assert np.all(np.abs(err - 1) <= 0.20), err
 
 
 @pytest.mark.mpi

@@ -10,7 +10,6 @@ from .plan import Plan
 from .problem import Infeasible, Problem
 
 
-
 def _b(n: float) -> str:
     """GB for real models; MB or kB for the tiny ones (450 kB is not "0.0 GB")."""
     for unit, div in (("GB", 1e9), ("MB", 1e6)):
@@ -34,7 +33,7 @@ def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:
     if need > have:
         return (
             f"{strategy}: infeasible: the model needs {_b(need)} (weights "
-            f"{_b((need - kv))} + KV cache {_b(kv)} for batch {prob.batch}"
+            f"{_b(need - kv)} + KV cache {_b(kv)} for batch {prob.batch}"
             f"{f' x {prob.slots} micro-batches' if prob.slots > 1 else ''}) but {who} "
             f"hold {_b(have)}"
         )
@@ -78,7 +77,7 @@ def check_fits(plan: Plan, prob: Problem) -> Plan:
         budget = prob.profile.memory_budget[d]
         raise Infeasible(
             f"{plan.strategy}: infeasible (out of memory): {prob.profile.names[d]} would hold "
-            f"{_b((budget + over))} but has {_b(budget)} "
+            f"{_b(budget + over)} but has {_b(budget)} "
             f"({plan.describe()})"
         )
     return plan

@@ -1,0 +1,80 @@
+"""Does a run do what the planner predicted? A 3-device OS testbed (root), the small model,
+a few tokens: profile, plan, run, and hold measured / predicted ms per token to a band.
+
+The band is what this shared 2-core host holds every time (README, "Prediction fidelity"):
+the profile times each unit alone and cold, the run streams the whole stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edgeshard_mpi.metrics import read_run
+from edgeshard_mpi.testbed import can_emulate_os, down, launch_argv, load_testbed, up
+from tests.conftest import mpiexec
+
+BAND = (0.6, 1.25)
+
+TESTBED = """
+name = "fidelity"
+source = "a"
+cloud = "c"
+runtime_memory = "700MiB"
+[[devices]]
+name = "a"
+cpu = 0.25
+memory = "300MiB"
+[[devices]]
+name = "b"
+cpu = 0.25
+memory = "300MiB"
+[[devices]]
+name = "c"
+cpu = 0.5
+memory = "500MiB"
+[links.default]
+bandwidth_mbps = 8
+latency_ms = 1
+[[links.pairs]]
+a = "a"
+b = "c"
+bandwidth_mbps = 2
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(can_emulate_os() is not None, reason=f"no OS testbed: {can_emulate_os()}")
+@pytest.mark.parametrize("partition", ["edgeshard", "even"])
+def test_measured_latency_follows_the_prediction(write_job, tmp_path, partition):
+    path = tmp_path / "fidelity.toml"
+    path.write_text(TESTBED)
+    tb = load_testbed(path)
+    part = {"strategy": "edgeshard", "objective": "latency"}
+    if partition == "even":  # three stages: the hops and the token's return count too
+        part = {"strategy": "cloud-edge-even", "objective": "latency"}
+    job = write_job(
+        {
+            "model": {"source": "small"},
+            "workload": {"tokenizer": "bytes", "prompts": 2, "new_tokens": 12},
+            "partition": part,
+            "profile": {"sample_layers": 1, "link_repeats": 2, "repeats": 5, "warmup": 3},
+            "cluster": {"testbed": str(path)},
+        }
+    )
+    up(tb, log=lambda *_: None)
+    try:
+        argv = launch_argv(tb, str(job), mpiexec(), sys.executable)
+        env = dict(os.environ, MPIEXEC_TIMEOUT="300")
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=360)
+    finally:
+        down(tb, log=lambda *_: None)
+    assert proc.returncode == 0, proc.stderr
+    r = read_run(tmp_path / "results" / "run.h5")
+    measured = r["summary"]["@latency_ms_per_token"]
+    predicted = r["plan"]["@predicted_ms_per_token"]
+    ratio = measured / predicted
+    print(f"{r['plan']['@description']}: {measured:.1f} / {predicted:.1f} ms = {ratio:.2f}")
+    assert BAND[0] <= ratio <= BAND[1], (r["plan"]["@description"], measured, predicted)
