@@ -1,4 +1,6 @@
-"""The SPMD job: job -> devices -> profile -> plan -> load -> infer -> metrics.
+"""The SPMD job: job -> devices -> profile -> plan -> load -> infer -> metrics. Steps 1-2
+are startup.py's, 3-4 planning.py's; loading, inference, resume and the results file are
+here.
 
 Every rank runs this. Any problem a user can fix (job file, data, checkpoint, profile,
 memory) is caught on the rank that sees it, shared with all ranks, reported once by rank 0,
@@ -11,450 +13,14 @@ import resource
 import sys
 import time
 import traceback
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from . import watchdog
-from .job import Job, JobError, load_job
-
-EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """Something the user can fix; the message says what and how."""
-
-
-class Log:
-    """All printing goes through here: rank 0 prints, others only their own errors."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-        self.tty = sys.stdout.isatty()
-
-    def info(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[rank 0] {msg}", flush=True)
-
-    def progress(self, msg: str) -> None:
-        if self.rank == 0 and self.tty:
-            print(f"\r[rank 0] {msg}\x1b[K", end="", flush=True)
-
-    def error(self, msg: str) -> None:
-        if self.rank == 0:
-            if self.tty:
-                print(flush=True)
-            print(f"[rank 0] error: {msg}", file=sys.stderr, flush=True)
-
-
-def _agree(tp, err: str | None) -> None:
-    """Share every rank's verdict; raise UserError with the distinct messages if any."""
-    errs = tp.allgather(err)
-    out: list[str] = []
-    for r, e in enumerate(errs):
-        if e and e not in [x.split("] ", 1)[-1] for x in out]:
-            out.append(f"[rank {r}] {e}" if r else e)
-    if out:
-        raise UserError("\n".join(out))
-
-
-def output_path(job: Job) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(job.output.path.format(name=job.name, time=stamp))
-
-
-def _check_writable(path: Path, fresh: bool = True) -> None:
-    from .outfiles import writable_folder
-
-    why = writable_folder(path.parent)  # creates nothing: a refused run leaves no folder
-    if why:
-        raise JobError(
-            f"output.path: cannot write in {path.parent} ({why}); choose a writable folder"
-        )
-    if fresh and path.exists():
-        raise JobError(
-            f"output.path: {path} already exists; results are never overwritten, "
-            "use {time} in the path or remove the file"
-        )
-
-
-def _setup(job_path: str, tp, need_prompts: bool = True):
-    """Step 1 (job): parse and check on every rank; rank 0 also loads the prompts."""
-    from .data import load_prompts, load_tokenizer
-    from .presets import resolve
-
-    job = spec = prompts = out = None
-    err = None
-    try:
-        job = load_job(job_path)
-        try:
-            spec = resolve(job.model.source)
-        except ValueError as e:
-            raise JobError(f"model.source: {e}") from None
-        job.check_context(tp.size, spec)
-        if tp.rank == 0:
-            if need_prompts:
-                tok = load_tokenizer(job.workload.tokenizer, job.model.source, spec.vocab_size)
-                prompts = load_prompts(job.workload, tok)
-            out = output_path(job)
-            _check_writable(out, fresh=need_prompts)  # `profile` writes no run file
-    except JobError as e:
-        err = str(e)
-    _agree(tp, err)
-    return job, spec, prompts, out
-
-
-def _testbed(job: Job, tp):
-    """Step 1b (testbed): an emulated device per rank, by the OS or inside the job."""
-    import os
-
-    from . import emulation
-    from .testbed import TestbedError, load_testbed
-
-    if job.cluster.testbed is None:
-        return None, "none"
-    tb, err = None, None
-    inside = os.environ.get("EDGESHARD_EMULATION") == "os"
-    try:
-        tb = load_testbed(job.cluster.testbed)
-        if tb.n != tp.size:
-            err = (
-                f"cluster.testbed: {tb.name} has {tb.n} devices but the job runs {tp.size} "
-                f"rank(s); start one rank per device (mpiexec -n {tb.n})"
-            )
-        elif tb.source != 0:
-            err = f"cluster.testbed: {tb.name}'s source must be its first device (rank 0)"
-        elif job.cluster.emulation == "os" and not inside:
-            err = (
-                "cluster.emulation = 'os' but the ranks were not started inside the testbed; "
-                f"run `edgeshard-mpi testbed up {tb.name}` and use the line that "
-                f"`edgeshard-mpi testbed launch {tb.name} JOB` prints"
-            )
-        elif job.cluster.emulation == "transport" and inside:
-            err = (
-                "cluster.emulation = 'transport' but the ranks run inside the OS testbed "
-                "(they would be slowed twice); use 'auto' or launch with plain mpiexec"
-            )
-    except TestbedError as e:
-        err = f"cluster.testbed: {e}"
-    _agree(tp, err)
-    me = tb.devices[tp.rank]
-    if inside:  # tc shapes bandwidth, cgroups bound memory; latency and speed are ours
-        from .cgroups import join_cgroups
-
-        _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
-        join_cgroups()
-        tp.emulate_links(tb.latency_s[tp.rank], None)
-        emulation.configure("os", slowdown=1.0 / me.cpu)
-        return tb, "os"
-    tp.emulate_links(tb.latency_s[tp.rank], tb.bandwidth[tp.rank])
-    emulation.configure("transport", slowdown=1.0 / me.cpu)
-    return tb, "transport"
-
-
-def _warm_up_imports() -> None:
-    """Run a tiny model once so every lazily imported module is loaded now."""
-    import torch
-
-    from .model import Stage, first_position, position_ids
-    from .presets import resolve
-    from .weights import weight_source
-
-    spec = resolve("tiny")
-    stage = Stage(spec, 0, spec.n_units, "float32", torch.device("cpu"))
-    stage.load(weight_source("tiny", spec, "float32", 0))
-    cache = stage.new_cache(1, 8)
-    with torch.inference_mode():
-        stage(
-            torch.zeros(1, 4, dtype=torch.int64), cache, position_ids(1, 4, 0), first_position(4, 0)
-        )
-        stage(
-            torch.zeros(1, 1, dtype=torch.int64), cache, position_ids(1, 4, 1), first_position(4, 1)
-        )
-
-
-def _devices(job: Job, tp, tb=None):
-    """Step 2 (devices): every rank describes itself; all get the table."""
-    import torch
-
-    from . import model  # noqa: F401  (imported now: the start-up footprint includes it)
-    from .cluster import describe_devices, local_view
-
-    view = local_view()
-    use_cuda = job.runtime.device == "cuda" or (
-        job.runtime.device == "auto" and torch.cuda.is_available()
-    )
-    views = tp.allgather(view)
-    local_rank = [v["host"] for v in views[: tp.rank]].count(view["host"])
-    accel, free, err = "cpu", None, None
-    if use_cuda and not torch.cuda.is_available():
-        err = "runtime.device = 'cuda' but this rank sees no CUDA device; use 'auto' or 'cpu'"
-    elif use_cuda:
-        dev = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(dev)
-        accel, free = torch.cuda.get_device_name(dev), torch.cuda.mem_get_info(dev)[0]
-    _agree(tp, err)
-    accels, frees = tp.allgather(accel), tp.allgather(free)
-    budgets, names = {}, {}
-    if tb is not None:  # the testbed's devices, unless the job overrides them
-        budgets = {i: d.memory for i, d in enumerate(tb.devices)}
-        names = {i: d.name for i, d in enumerate(tb.devices)}
-    budgets |= {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
-    names |= {d.rank: d.name for d in job.cluster.devices if d.name}
-    # A testbed device computes on one thread: its speed is its share of one core
-    # (emulation.py charges that thread's CPU time), whatever the host has.
-    threads = job.runtime.threads or (1 if tb is not None else 0)
-    devices = describe_devices(views, threads, budgets, names, accels, frees)
-    torch.set_num_threads(devices[tp.rank].threads)
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    return devices, device
-
-
-def _profile(job: Job, spec, devices, device, tp, log: Log, out: Path | None):
-    """Step 3 (profile): reuse a profile file or measure; every rank gets the Profile."""
-    from dataclasses import replace
-
-    from .planner.problem import ProfileError, load_profile
-    from .weights import CheckpointError
-
-    cfg, wl = job.profile, job.workload
-    if cfg.reuse is None and not needs_profile(job):
-        return None
-    prof, err = None, None
-    if cfg.reuse is not None:
-        if tp.rank == 0:
-            try:
-                prof = load_profile(cfg.reuse)
-                _check_profile(prof, spec, job, tp.size)
-            except ProfileError as e:
-                err = f"profile.reuse: {e}"
-        _agree(tp, err)
-        prof = tp.bcast(prof)
-        log.info(f"profile: reusing {cfg.reuse}")
-    else:
-        log.info("profile: timing every unit on every rank, then every link")
-        frozen = watchdog.disturbances()
-        try:
-            prof = _measure(job, spec, devices, device, tp, log, cfg, wl)
-        except CheckpointError as e:  # raised alike on every rank
-            raise UserError(str(e)) from None
-        _agree(tp, watchdog.disturbed_since(frozen))  # a stall would skew the plan
-        if tp.rank == 0 and cfg.save and out is not None:
-            from .outfiles import OutputError
-
-            path = Path(cfg.save.format(output=str(out.with_suffix(""))))
-            try:
-                log.info(f"profile: saved {prof.save(path)}")
-            except OutputError as e:  # the run goes on: the profile is also in its file
-                log.info(f"note: profile not saved: {e.strerror}")
-    overrides = {d.rank: d.memory for d in job.cluster.devices if d.memory is not None}
-    if overrides:
-        budget = prof.memory_budget.copy()
-        for r, m in overrides.items():
-            budget[r] = m
-        prof = replace(prof, memory_budget=budget)
-    cloud = job.cluster.cloud
-    if cloud is None and job.cluster.testbed is not None:
-        from .testbed import load_testbed
-
-        cloud = load_testbed(job.cluster.testbed).cloud
-    if cloud is not None:
-        prof = replace(prof, cloud=cloud)
-    return prof
-
-
-def needs_profile(job: Job) -> bool:
-    """A planned strategy, or a pipeline whose micro-batches the planner chooses."""
-    pc = job.pipeline
-    auto = pc.pipelined and (pc.micro_batches is None or pc.micro_batch_size is None)
-    return job.partition.planned or auto
-
-
-def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
-    from .profile import profile_cluster
-    from .weights import weight_source
-
-    return profile_cluster(
-        tp,
-        spec,
-        weight_source(job.model.source, spec, job.model.dtype, job.model.seed),
-        job.model.dtype,
-        device,
-        devices,
-        job.profile_batch_sizes(),
-        wl.prompt_tokens,
-        wl.new_tokens,
-        cfg.warmup,
-        cfg.repeats,
-        cfg.sample_layers,
-        cfg.link_repeats,
-        job.cluster.cloud,
-        log.info,
-        cold=cfg.cold_cache,
-        kernels=job.runtime.kernels,
-    )
-
-
-def _check_profile(prof, spec, job: Job, world: int) -> None:
-    from .planner.problem import ProfileError
-
-    m = prof.model
-    if (m.n_units, m.hidden_size, m.num_layers) != (
-        spec.n_units,
-        spec.hidden_size,
-        spec.num_layers,
-    ):
-        raise ProfileError(
-            f"it profiles a model with {m.num_layers} layers of width "
-            f"{m.hidden_size}, the job runs {spec.num_layers} x "
-            f"{spec.hidden_size}; profile this model"
-        )
-    if prof.n_devices != world:
-        raise ProfileError(f"it describes {prof.n_devices} devices, the job runs {world} ranks")
-    if prof.dtype != job.model.dtype:
-        raise ProfileError(f"it was measured in {prof.dtype}, the job runs {job.model.dtype}")
-    # Times depend on the kernels: a profile measured with others would mispredict. (A
-    # profile that does not say, e.g. one from the paper, is taken as it is.)
-    measured = prof.meta.get("kernels", job.runtime.kernels)
-    if measured != job.runtime.kernels:
-        raise ProfileError(
-            f"it was measured with {measured} kernels, the job runs runtime.kernels = "
-            f"{job.runtime.kernels!r}; profile again or set runtime.kernels = {measured!r}"
-        )
-    size = job.pipeline.micro_batch_size
-    if size is not None:
-        prof.times(size)  # raises if the batch size cannot be served
-    elif not any(job.workload.prompts % b == 0 for b in prof.batch_sizes):
-        raise ProfileError(
-            f"none of its batch sizes {list(prof.batch_sizes)} divides workload.prompts "
-            f"({job.workload.prompts}); profile other sizes or set pipeline.micro_batch_size"
-        )
-
-
-def _plan(job: Job, spec, devices, prof, tp, log: Log):
-    """Step 4 (plan): rank 0 decides the plan (and, pipelined, the micro-batch size and how
-    many are in flight) and predicts; every rank receives the decision."""
-    from .planner import baselines
-    from .planner.cost import evaluate
-    from .planner.pipeline import candidate_plans, choose, predict
-    from .planner.plan import Plan, Stage, even_plan
-    from .planner.problem import Infeasible, PlannerLimit, make_problem
-
-    part, pc, wl = job.partition, job.pipeline, job.workload
-    result, err = None, None
-    if tp.rank == 0:
-        try:
-            fixed = None
-            if part.strategy == "explicit":
-                fixed = Plan(tuple(Stage(s.rank, s.start, s.end) for s in part.stages))
-            elif part.strategy == "even":
-                fixed = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
-
-            def make(prob):
-                if job.runtime.check_memory:
-                    prob = _hold_back(prob, spec, job)
-                if fixed is None and pc.pipelined:  # joint over plans too (planner/pipeline.py)
-                    return candidate_plans(prob, part.strategy, part.objective, part.algorithm)
-                if fixed is None:
-                    return baselines.make_plan(prob, part.strategy, part.objective, part.algorithm)
-                return baselines.check_fits(fixed, prob) if job.runtime.check_memory else fixed
-
-            pipe = None
-            b, slots = pc.micro_batch_size, pc.micro_batches
-            if prof is None:  # a fixed plan and fixed sizes: nothing to predict from
-                plan, prob = fixed, None
-            elif pc.pipelined:
-                sizes = (b,) if b else tuple(x for x in prof.batch_sizes if wl.prompts % x == 0)
-                tries = (slots,) if slots else SLOT_CANDIDATES
-                choice = choose(
-                    prof, wl.prompts, make, sizes, tries, pc.order, job.profile.strategy
-                )
-                plan, prob = choice.plan, choice.problem
-                b, slots = choice.micro_batch_size, choice.micro_batches
-                full = predict(plan, prob, wl.prompts // b, slots, pc.order)
-                pipe = {"prediction": full.to_dict(), "candidates": choice.candidates}
-            else:
-                prob = make_problem(prof, b, job.profile.strategy)
-                if job.runtime.check_memory:
-                    prob = _hold_back(prob, spec, job)
-                plan = make(prob)
-            if job.runtime.check_memory:
-                _check_memory(plan, spec, job, devices, b, slots or 1)
-            predicted = evaluate(plan, prob).to_dict() if prob is not None else None
-            others = {}
-            if prob is not None and part.planned:
-                for name, alt in baselines.plan_all(prob, part.objective, part.algorithm).items():
-                    others[name] = (
-                        {"error": str(alt)}
-                        if isinstance(alt, Infeasible)
-                        else {
-                            **alt.to_dict(),
-                            "description": alt.describe(),
-                            "predicted": evaluate(alt, prob).to_dict(),
-                        }
-                    )
-            if pc.pipelined and slots is None:
-                slots = len(plan.stages)  # enough to keep every stage busy
-            result = (plan, predicted, others, Decision(b, slots or 1, pc.order, pipe))
-        except Infeasible as e:
-            err = str(e)
-            if job.runtime.check_memory:
-                err += (
-                    " (each budget net of what a rank needs beside weights and KV cache: "
-                    "receive and send buffers, a prefill's activations; the head's device "
-                    "also the logits)"
-                )
-        except (PlannerLimit, UserError) as e:
-            err = str(e)
-    _agree(tp, err)
-    return tp.bcast(result)
-
-
-def _hold_back(prob, spec, job: Job):
-    """The problem with every budget less what the run needs beside weights and KV cache
-    (buffers, a prefill's activations, the head's logits: memcheck.reserve), so a plan the
-    planner finds also passes the whole-memory check before loading."""
-    from dataclasses import replace
-
-    from .memcheck import reserve
-
-    wl = job.workload
-    every, head = reserve(
-        spec, job.model.dtype, prob.batch, wl.prompt_tokens, wl.context, prob.slots
-    )
-    budget = np.maximum(prob.profile.memory_budget - every, 0)
-    memory = prob.memory.copy()
-    memory[-1] += head
-    return replace(prob, profile=replace(prob.profile, memory_budget=budget), memory=memory)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """How the workload is cut: sequences per micro-batch, micro-batches in flight."""
-
-    micro_batch_size: int
-    micro_batches: int
-    order: str
-    pipeline: dict | None = None
-    """Pipelined runs: the simulator's prediction and every candidate the planner tried."""
-
-
-# Micro-batches in flight the planner tries when the job leaves it to it.
-SLOT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
-
-
-def _check_memory(plan, spec, job: Job, devices, batch: int, slots: int) -> None:
-    """A plan whose shard exceeds a rank's budget fails now, with the numbers, instead of
-    being killed by the OS half-way through (memcheck.py: weights, KV caches, buffers,
-    activations, logits; a cgroup budget is net of the runtime measured at start-up)."""
-    from .memcheck import check
-
-    wl = job.workload
-    err = check(plan, spec, job.model.dtype, devices, batch, wl.prompt_tokens, wl.context, slots)
-    if err:
-        raise UserError(err)
+from .job import Job
+from .planning import Decision, plan_step, profile_step
+from .startup import EXIT_USER_ERROR, Log, UserError, agree, describe_ranks, setup, start_testbed
 
 
 def _load(job: Job, spec, plan, device, tp):
@@ -478,7 +44,7 @@ def _load(job: Job, spec, plan, device, tp):
             f"out of memory while loading units of {plan.describe()}; give this rank "
             "fewer layers or more memory"
         )
-    _agree(tp, err)
+    agree(tp, err)
     return stages, time.perf_counter() - t0
 
 
@@ -507,7 +73,7 @@ def _infer(
             todo = journal.todo(groups)
         except (ResumeError, OSError) as e:
             err = str(e) if isinstance(e, ResumeError) else f"output.path: journal: {e}"
-    _agree(tp, err)
+    agree(tp, err)
     todo = tp.bcast(todo)
     if tp.rank == 0:
         what = f"{groups - len(todo)} of {groups} groups done, " if book is not None else ""
@@ -597,7 +163,7 @@ def _open_resume(path: str | None, tp):
             book = Journal.read(p)
         except ResumeError as e:
             err = str(e)
-    _agree(tp, err)
+    agree(tp, err)
     return book
 
 
@@ -612,7 +178,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
     log = Log(tp.rank)
     wd = _watchdog(tp)
     try:
-        job, spec, prompts, out = _setup(job_path, tp)
+        job, spec, prompts, out = setup(job_path, tp)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
         book = _open_resume(resume, tp)
         if book is not None:
@@ -623,11 +189,11 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
         tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
             log.info(f"note: {prompts.note}")
-        tb, emulation = _testbed(job, tp)
+        tb, emulation = start_testbed(job, tp)
         if tb is not None:
             log.info(f"testbed {tb.name}: {tb.n} devices, emulated by the {emulation}")
         watchdog.phase("devices")
-        devices, device = _devices(job, tp, tb)
+        devices, device = describe_ranks(job, tp, tb)
         from . import resume as rs
 
         try:
@@ -636,9 +202,11 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
         except rs.ResumeError as e:  # the same verdict on every rank
             raise UserError(str(e)) from None
         watchdog.phase("profile")
-        prof = rs.exclude_from_profile(_profile(job, spec, devices, device, tp, log, out), excluded)
+        prof = rs.exclude_from_profile(
+            profile_step(job, spec, devices, device, tp, log, out), excluded
+        )
         watchdog.phase("plan")
-        plan, predicted, others, dec = _plan(job, spec, devices, prof, tp, log)
+        plan, predicted, others, dec = plan_step(job, spec, devices, prof, tp, log)
         step = (predicted or {}).get("per_token_s")
         wd.set_limit(watchdog.auto_limit(step, job.runtime.stall_timeout_s))
         log.info(f"plan ({plan.strategy}, {plan.objective}): {plan.describe()}")
@@ -749,19 +317,19 @@ def profile_job(job_path: str, out_path: str | None) -> int:
     log = Log(tp.rank)
     wd = _watchdog(tp)
     try:
-        job, spec, _, out = _setup(job_path, tp, need_prompts=False)
+        job, spec, _, out = setup(job_path, tp, need_prompts=False)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
         if out_path and Path(out_path).exists():
             raise UserError(f"--out: {out_path} already exists; profiles are never overwritten")
-        tb, _ = _testbed(job, tp)
-        devices, device = _devices(job, tp, tb)
+        tb, _ = start_testbed(job, tp)
+        devices, device = describe_ranks(job, tp, tb)
         job = replace(
             job,
             profile=replace(job.profile, reuse=None, save=None),
             partition=replace(job.partition, strategy="edgeshard"),
         )
         watchdog.phase("profile")
-        prof = _profile(job, spec, devices, device, tp, log, out)
+        prof = profile_step(job, spec, devices, device, tp, log, out)
         watchdog.phase("gather")
         tp.quiet_barrier()
     except UserError as e:

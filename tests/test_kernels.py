@@ -125,8 +125,8 @@ def test_profile_of_other_kernels_is_refused(tmp_path):
     from dataclasses import replace
 
     from edgeshard_mpi.planner.problem import ProfileError, load_profile
+    from edgeshard_mpi.planning import check_profile as _check_profile
     from edgeshard_mpi.presets import PRESETS
-    from edgeshard_mpi.runner import _check_profile
 
     prof = load_profile("paper-llama2-7b")  # says nothing about kernels: taken as it is
     job = parse_job('[model]\nsource = "llama2-7b"\n', tmp_path / "j")
