@@ -282,17 +282,21 @@ def plots(rows, out: Path) -> list[str]:
     if ok:
         fig, ax = plt.subplots(figsize=(5, 5))
         series = (
-            ("sequential", "latency_ms_per_token", "predicted_ms_per_token"),
-            ("pipeline", "tokens_per_s", "predicted_tokens_per_s"),
+            ("sequential", "latency_ms_per_token", "predicted_ms_per_token", "ms/token"),
+            ("pipeline", "tokens_per_s", "predicted_tokens_per_s", "tokens/s"),
         )
-        for mode, key, pkey in series:
+        for mode, key, pkey, unit in series:
             pts = [(r[pkey], r[key]) for r in ok if r["mode"] == mode and np.isfinite(r[pkey])]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), label=f"{mode} ({key})")
+                what = "sequential latency" if mode == "sequential" else "pipelined throughput"
+                ax.scatter(*zip(*pts, strict=True), label=f"{what} ({unit})")
         lim = ax.get_xlim()
-        ax.plot(lim, lim, "k--", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="predicted", ylabel="measured",
-               title="predicted vs measured")  # fmt: skip
+        ax.plot(lim, lim, "k--", lw=0.8, label="measured = predicted")
+        for f in (0.9, 1.1):
+            ax.plot(lim, [x * f for x in lim], "k:", lw=0.6)
+        ax.set(xscale="log", yscale="log", xlabel="predicted (ms/token or tokens/s)",
+               ylabel="measured (same unit)",
+               title="Measured vs predicted, every run\n(dotted: ±10%)")  # fmt: skip
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "predicted_vs_measured.png", dpi=100)
