@@ -8,10 +8,6 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # testbed.py imports this module
-    from .testbed import Testbed
 
 PRIORITY_V1, PRIORITY_V2 = 262_144, 10_000
 """cpu.shares / cpu.weight of the testbed's parent group (the maxima): when other work
@@ -33,9 +29,10 @@ def cgroup_version() -> int:
     return 0
 
 
-def cgroup_dirs(tb: Testbed, i: int) -> dict[str, Path]:
-    """Where device i's cgroups live (v1: one per controller; v2: one)."""
-    leaf = f"edgeshard-{tb.tag}/{i}"
+def cgroup_dirs(tag: str, i: int) -> dict[str, Path]:
+    """Where device i of the testbed tagged `tag` has its cgroups (v1: one per controller;
+    v2: one). Plain values in, not the Testbed: testbed.py imports this module."""
+    leaf = f"edgeshard-{tag}/{i}"
     if cgroup_version() == 1:
         return {
             "cpu": Path("/sys/fs/cgroup/cpu") / leaf,
@@ -44,19 +41,19 @@ def cgroup_dirs(tb: Testbed, i: int) -> dict[str, Path]:
     return {"unified": Path("/sys/fs/cgroup") / leaf}
 
 
-def ref_dir(tb: Testbed) -> dict[str, Path]:
+def ref_dir(tag: str) -> dict[str, Path]:
     """A cgroup beside the devices, with their priority, for measuring the host."""
-    return {k: p.parent / "ref" for k, p in cgroup_dirs(tb, 0).items() if k != "memory"}
+    return {k: p.parent / "ref" for k, p in cgroup_dirs(tag, 0).items() if k != "memory"}
 
 
-def write_cgroups(tb: Testbed) -> None:
+def write_cgroups(tag: str, limits: list[int]) -> None:
+    """One cgroup per device, device i's memory limited to limits[i] bytes."""
     v = cgroup_version()
-    parents = {p.parent for i in range(tb.n) for p in cgroup_dirs(tb, i).values()}
-    for p in [*parents, *ref_dir(tb).values()]:
+    parents = {p.parent for i in range(len(limits)) for p in cgroup_dirs(tag, i).values()}
+    for p in [*parents, *ref_dir(tag).values()]:
         p.mkdir(parents=True, exist_ok=True)
-    for i, d in enumerate(tb.devices):
-        dirs = cgroup_dirs(tb, i)
-        limit = d.memory + tb.runtime_memory
+    for i, limit in enumerate(limits):
+        dirs = cgroup_dirs(tag, i)
         for p in dirs.values():
             p.mkdir(parents=True, exist_ok=True)
         if v == 1:
@@ -72,7 +69,7 @@ def write_cgroups(tb: Testbed) -> None:
             parent = dirs["unified"].parent
             (parent / "cgroup.subtree_control").write_text("+cpu +memory")
             (dirs["unified"] / "memory.max").write_text(str(limit))
-    cpu_parent = cgroup_dirs(tb, 0).get("cpu", cgroup_dirs(tb, 0).get("unified")).parent
+    cpu_parent = cgroup_dirs(tag, 0).get("cpu", cgroup_dirs(tag, 0).get("unified")).parent
     if v == 1:
         (cpu_parent / "cpu.shares").write_text(str(PRIORITY_V1))
     else:

@@ -307,7 +307,7 @@ def up(tb: Testbed, log=print) -> None:
     try:
         for cmd in up_commands(tb):
             _run(cmd)
-        write_cgroups(tb)
+        write_cgroups(tb.tag, [d.memory + tb.runtime_memory for d in tb.devices])
     except (TestbedError, OSError, ValueError, subprocess.SubprocessError) as e:
         down(tb, log=lambda *_: None)
         raise TestbedError(f"testbed up failed and was rolled back: {e}") from None
@@ -382,7 +382,7 @@ def enter(tb: Testbed, index: int, argv: list[str]) -> None:
         EDGESHARD_EMULATION="os",
         EDGESHARD_TESTBED=str(tb.path),
         EDGESHARD_DEVICE=str(index),
-        EDGESHARD_CGROUPS=os.pathsep.join(str(p) for p in cgroup_dirs(tb, index).values()),
+        EDGESHARD_CGROUPS=os.pathsep.join(str(p) for p in cgroup_dirs(tb.tag, index).values()),
         **MPI_TCP_ENV,
     )
     _setns(Path("/var/run/netns") / tb.ns(index))
