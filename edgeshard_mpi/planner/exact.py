@@ -393,7 +393,7 @@ def _alike_layers_latency(prob: Problem, devices, strategy: str, memory_budget: 
     u = uniform_structure(prob)
     if u is None:
         return None
-    plan = solve_uniform(prob, "latency", devices, strategy, u)
+    plan = solve_uniform(prob, devices, strategy, u)
     if plan is None:
         raise Infeasible(explain_infeasible(prob, devices, strategy))
     plan.info.update(exact=True, devices=m)

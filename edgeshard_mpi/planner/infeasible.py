@@ -15,7 +15,7 @@ def _b(n: float) -> str:
     for unit, div in (("GB", 1e9), ("MB", 1e6)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
-    return f"{n / 1e3:.1f} kB"
+    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
 
 
 def explain_infeasible(prob: Problem, devices: list[int], strategy: str) -> str:

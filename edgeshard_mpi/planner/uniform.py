@@ -1,18 +1,16 @@
-"""Exact and fast: the planner for models whose decoder layers are alike.
+"""Exact and fast: the latency planner for models whose decoder layers are alike.
 
 In a Llama every decoder layer has the same shape, so on a given device each costs the same
 time and memory, and every cut between units carries the same activation. Then a plan is
 (1) an ordered set of devices and (2) a layer count per device, and the two separate:
   - given the set S and the last device k, the best layer counts have a closed form (the
     embedding stays on the source, the head on k, every middle device takes >= 1 layer;
-    latency: fill the cheapest spare capacity first; throughput: the least T at which
-    every device's share of at most T seconds covers all layers);
-  - the order only changes the hops: the least hop sum (latency) or largest hop
-    (throughput) over paths from the source through exactly S to k is a Held-Karp DP over
-    device subsets, O(2^M M^2) with numpy over subsets.
+    fill the cheapest spare capacity first);
+  - the order only changes the hops: the least hop sum over paths from the source through
+    exactly S to k is a Held-Karp DP over device subsets, O(2^M M^2) with numpy.
 Both are exact, so the best (S, k) is the optimum: 15 devices plan in milliseconds, 20 in
-seconds. The general solver (chain.py) handles any per-unit costs and checks this one in
-the tests.
+seconds. exact.py uses it for latency when its 2^M tables fit; throughput, and any
+per-unit costs, are exact.py's own (the tests check both against brute force).
 """
 
 from __future__ import annotations
@@ -87,8 +85,8 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x.astype(np.uint64)).astype(np.int64)
 
 
-def _held_karp(hop: np.ndarray, src: int, use_max: bool):
-    """best[S, k]: least hop sum (or largest hop) over paths from src through exactly S
+def _held_karp(hop: np.ndarray, src: int):
+    """best[S, k]: least hop sum over paths from src through exactly S
     (src in S) ending at k; prev[S, k] the device before k."""
     m = hop.shape[0]
     full = 1 << m
@@ -105,7 +103,7 @@ def _held_karp(hop: np.ndarray, src: int, use_max: bool):
         for lo in range(0, len(level), 8192):  # bounds the [C, k, j] temporary
             chunk = level[lo : lo + 8192]
             vals = best[chunk][:, :, None]  # [C, k, 1]; inf where k is not in S
-            cand = np.maximum(vals, hop[None]) if use_max else vals + hop[None]
+            cand = vals + hop[None]
             k = cand.argmin(axis=1)  # [C, j]
             cv = np.take_along_axis(cand, k[:, None, :], 1)[:, 0, :]
             ci, j = np.nonzero((chunk[:, None] >> bits[None, :]) & 1 == 0)
@@ -149,10 +147,8 @@ def _stages(order: list[int], counts: list[int], n_units: int) -> tuple[Stage, .
     return tuple(out)
 
 
-def solve_uniform(
-    prob: Problem, objective: str, devices: list[int] | None, strategy: str, u: dict
-) -> Plan | None:
-    """The optimal plan, or None if nothing fits."""
+def solve_uniform(prob: Problem, devices: list[int] | None, strategy: str, u: dict) -> Plan | None:
+    """The least-latency plan, or None if nothing fits."""
     t0 = time.perf_counter()
     src = prob.source
     devices = sorted(set(range(prob.n_devices) if devices is None else devices) | {src})
@@ -173,39 +169,22 @@ def solve_uniform(
     cannot_mid = (caps_mid < 1).astype(float)
     cannot_mid[s0] = 0
     bad_mid = _subset_sums(cannot_mid)  # [S] how many members cannot be middle
-    best, prev = _held_karp(hop, s0, use_max=objective == "throughput")
-    if objective == "latency":
-        value = _latency_values(
-            sub,
-            caps_mid,
-            caps_last,
-            s0,
-            inside,
-            has_src,
-            bad_mid,
-            cannot_mid,
-            layers,
-            emb_s,
-            head_s,
-            lat_s,
-        )
-        total = value + best + ret[None, :]
-    else:
-        total = _throughput_values(
-            sub,
-            caps_mid,
-            caps_last,
-            s0,
-            inside,
-            has_src,
-            bad_mid,
-            cannot_mid,
-            layers,
-            emb_s,
-            best,
-            ret,
-            hop,
-        )
+    best, prev = _held_karp(hop, s0)
+    value = _latency_values(
+        sub,
+        caps_mid,
+        caps_last,
+        s0,
+        inside,
+        has_src,
+        bad_mid,
+        cannot_mid,
+        layers,
+        emb_s,
+        head_s,
+        lat_s,
+    )
+    total = value + best + ret[None, :]
     if not np.isfinite(total).any():
         return None
     # Ties (common for bottlenecks): fewest devices, then the smaller index.
@@ -214,17 +193,12 @@ def solve_uniform(
     s, k = np.unravel_index(int(np.argmin(tied)), tied.shape)
     s, k = int(s), int(k)
     order = _path(prev, s, k)
-    if objective == "latency":
-        counts = _allocate_latency(sub, order, caps_mid, caps_last, layers)
-    else:
-        counts = _allocate_bottleneck(
-            sub, order, caps_mid, caps_last, layers, emb_s, float(total[s, k])
-        )
+    counts = _allocate_latency(sub, order, caps_mid, caps_last, layers)
     stages = _stages([devices[d] for d in order], counts, n)
     return Plan(
         stages,
         strategy,
-        objective,
+        "latency",
         {"algorithm": "uniform-held-karp", "solve_s": time.perf_counter() - t0},
     )
 
@@ -262,112 +236,3 @@ def _latency_values(
             left -= take
         out[:, k] = np.where(ok & (left == 0), cost, INF)
     return out
-
-
-def _throughput_values(
-    sub,
-    caps_mid,
-    caps_last,
-    s0,
-    inside,
-    has_src,
-    bad_mid,
-    cannot_mid,
-    layers,
-    emb_s,
-    best_hop,
-    ret,
-    sub_hop,
-) -> np.ndarray:
-    """[S, k]: the least bottleneck over S ending at k (stages, hops and return)."""
-    full, m = inside.shape
-    lat_s, head_s = sub["layer_s"], sub["head_s"]
-    fixed_mid = np.where(np.arange(m) == s0, emb_s, 0.0)
-    counts = np.arange(layers + 1)
-    cands = [np.array([fixed_mid[d]]) for d in range(m)]
-    cands += [fixed_mid[d] + counts * lat_s[d] for d in range(m) if np.isfinite(lat_s[d])]
-    cands += [
-        fixed_mid[d] + head_s[d] + (counts * lat_s[d] if np.isfinite(lat_s[d]) else 0)
-        for d in range(m)
-        if np.isfinite(head_s[d])
-    ]
-    cands = [float(x) for arr in cands for x in np.atleast_1d(arr)]
-    # A path's largest hop is one of the single hops: no need for best_hop's 2^M values.
-    cands += list(sub_hop[np.isfinite(sub_hop)].ravel()) + list(ret)
-    cands = np.unique(np.asarray([c for c in cands if np.isfinite(c)]))
-    base_ok = np.zeros((full, m), dtype=bool)
-    for k in range(m):
-        if caps_last[k] < 0 or (k != s0 and caps_mid[s0] < 0):
-            continue
-        ok = has_src & inside[:, k] & (bad_mid - cannot_mid[k] * (k != s0) == 0)
-        if k == s0:
-            ok &= inside.sum(1) == 1
-        base_ok[:, k] = ok
-
-    finite = np.isfinite(lat_s)
-    safe = np.where(finite & (lat_s > 0), lat_s, 1.0)
-
-    def share(room: np.ndarray) -> np.ndarray:
-        """Layers that fit in `room` seconds (a device that cannot run layers: none)."""
-        k = np.where(lat_s > 0, np.floor(room / safe * (1 + EPS) + EPS), layers)
-        return np.where(finite, k, 0)
-
-    def feasible(t: float) -> np.ndarray:
-        share_mid = np.minimum(share(t - fixed_mid), caps_mid)
-        share_mid = np.where(t - fixed_mid >= 0, share_mid, -1)
-        last_room = t - fixed_mid - head_s
-        share_last = np.where(last_room >= 0, np.minimum(share(last_room), caps_last), -1)
-        mid_ok = share_mid >= 1
-        mid_ok[s0] = share_mid[s0] >= 0
-        sums = _subset_sums(np.maximum(share_mid, 0))
-        bad = _subset_sums((~mid_ok).astype(float))
-        out = np.zeros((full, m), dtype=bool)
-        for k in range(m):
-            if share_last[k] < 0:
-                continue
-            if k == s0:  # the source alone holds everything
-                out[:, k] = base_ok[:, k] & (share_last[k] >= layers)
-                continue
-            total = sums - max(share_mid[k], 0) + share_last[k]
-            nbad = bad - (0 if mid_ok[k] else 1)
-            out[:, k] = base_ok[:, k] & (total >= layers) & (nbad == 0)
-        return out & (best_hop <= t) & (ret[None, :] <= t)
-
-    value = np.full((full, m), INF)
-    lo, hi = 0, len(cands) - 1
-    if not feasible(cands[hi]).any():
-        return value
-    while lo < hi:  # the least candidate at which some (S, k) is feasible
-        mid = (lo + hi) // 2
-        if feasible(cands[mid]).any():
-            hi = mid
-        else:
-            lo = mid + 1
-    value[feasible(cands[lo])] = cands[lo]
-    return value
-
-
-def _allocate_bottleneck(sub, order, caps_mid, caps_last, layers, emb_s, t) -> list[int]:
-    """Layer counts with every stage within t: lower bounds, then cheapest layers first."""
-    n = len(order)
-    lat = sub["layer_s"]
-    hi = []
-    for pos, d in enumerate(order):
-        fixed = (emb_s if pos == 0 else 0.0) + (sub["head_s"][d] if pos == n - 1 else 0.0)
-        cap = caps_last[d] if pos == n - 1 else caps_mid[d]
-        share = (
-            layers
-            if lat[d] == 0
-            else np.floor((t - fixed) / lat[d] * (1 + EPS) + EPS)
-            if (np.isfinite(lat[d]))
-            else 0
-        )
-        hi.append(int(min(cap, share)))
-    counts = [0 if pos in (0, n - 1) else 1 for pos in range(n)]
-    left = layers - sum(counts)
-    for pos in sorted(range(n), key=lambda p: (lat[order[p]], p)):
-        take = min(hi[pos] - counts[pos], left)
-        counts[pos] += take
-        left -= take
-    assert left == 0 and all(c <= h for c, h in zip(counts, hi, strict=True)), (counts, hi)
-    return counts
