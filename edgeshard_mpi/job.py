@@ -286,6 +286,29 @@ class OutputCfg:
 
 
 @dataclass(frozen=True)
+class TransportCfg:
+    wire: str = "exact"
+    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8."""
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """`edgeshard-mpi eval JOB` (evaluate.py): perplexity over strided windows of a text."""
+
+    dataset: Path | None = None
+    """A WikiText raw file; None: workload.dataset."""
+    window: int | None = None
+    """Tokens per window; None ("auto"): the model's context length."""
+    stride: int | None = None
+    """Tokens the window moves by; None ("auto"): half the window."""
+    max_windows: int = 0
+    """Evaluate only the first windows (0: the whole text)."""
+    agreement: bool = True
+    """With a lossy wire: also generate the workload's prompts with wire = exact and with
+    the job's wire, and report how many tokens agree."""
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     path: Path
@@ -298,6 +321,8 @@ class Job:
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     pipeline: PipelineCfg = field(default_factory=PipelineCfg)
+    transport: TransportCfg = field(default_factory=TransportCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
     def profile_batch_sizes(self) -> tuple[int, ...]:
         if self.profile.batch_sizes:
@@ -320,6 +345,12 @@ class Job:
             raise JobError(
                 f"workload: prompt_tokens + new_tokens = {wl.context} exceeds the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings}); shorten them"
+            )
+        ev = self.eval
+        if ev.window is not None and ev.window > spec.max_position_embeddings:
+            raise JobError(
+                f"eval.window = {ev.window} exceeds the model's max_position_embeddings "
+                f"({spec.max_position_embeddings}); use at most that, or \"auto\""
             )
         for d in self.cluster.devices:
             if d.rank >= world_size:
@@ -551,7 +582,7 @@ def _auto_int(sec: _Section, key: str) -> int | None:
     if value == "auto":
         return None
     if isinstance(value, str) or value < 1:
-        raise JobError(f'pipeline.{key}: an integer >= 1 or "auto", got {value!r}')
+        raise JobError(f'{sec.name}.{key}: an integer >= 1 or "auto", got {value!r}')
     return value
 
 
@@ -617,6 +648,32 @@ def _auto_float(sec: _Section, key: str) -> float | None:
     return value
 
 
+def _transport(sec: _Section) -> TransportCfg:
+    cfg = TransportCfg(wire=sec.choice("wire", ("exact", "bf16", "fp16", "int8"), "exact"))
+    sec.finish()
+    return cfg
+
+
+def _eval(sec: _Section, base: Path, wl: WorkloadCfg) -> EvalCfg:
+    raw = sec.get("dataset", str)
+    window, stride = _auto_int(sec, "window"), _auto_int(sec, "stride")
+    cfg = EvalCfg(
+        dataset=expand_path(raw, base, "eval.dataset") if raw else wl.dataset,
+        window=window,
+        stride=stride,
+        max_windows=sec.positive("max_windows", 0, zero_ok=True),
+        agreement=sec.get("agreement", bool, True),
+    )
+    sec.finish()
+    if window is not None:
+        bounds.int_in(window, 2, 1 << 20, "eval.window", '"auto": the model\'s context')
+    if stride is not None:
+        top = window if window is not None else 1 << 20
+        bounds.int_in(stride, 1, top, "eval.stride", "at most the window")
+    bounds.int_in(cfg.max_windows, 0, 1 << 30, "eval.max_windows", "0 = the whole text")
+    return cfg
+
+
 def _output(sec: _Section) -> OutputCfg:
     out = OutputCfg(
         path=sec.get("path", str, OutputCfg.path),
@@ -656,6 +713,8 @@ def _parse(data: dict, path: Path, text: str) -> Job:
             "profile",
             "cluster",
             "pipeline",
+            "transport",
+            "eval",
         )
     }
     top.finish()
@@ -677,6 +736,8 @@ def _parse(data: dict, path: Path, text: str) -> Job:
         output=_output(_Section(sections["output"], "output")),
         profile=_profile(_Section(sections["profile"], "profile"), base),
         cluster=_cluster(_Section(sections["cluster"], "cluster"), base),
+        transport=_transport(_Section(sections["transport"], "transport")),
+        eval=_eval(_Section(sections["eval"], "eval"), base, workload),
     )
 
 
