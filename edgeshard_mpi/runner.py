@@ -709,6 +709,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
         dec,
     )
     record["attrs"]["emulation"] = emulation
+    record["attrs"]["wire"] = job.transport.wire  # activations between ranks (wire.py)
     if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
         record["attrs"]["resumed_groups"] = list(src.resumed_groups)
     if tb is not None:
