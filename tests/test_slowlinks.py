@@ -197,3 +197,23 @@ def test_eval_one_stage_equals_three_ranks_and_int8_prices(shared_data, write_jo
     ref = reference_nll(model, ids, wins)
     assert np.array_equal(ref[:, 1], nll[:, 1])
     np.testing.assert_allclose(nll[:, 0], ref[:, 0], rtol=1e-5)
+
+
+def test_eval_text_prefix_tokens_equal_the_full_texts(shared_data, tmp_path):
+    """With max_windows only a prefix of whole lines is tokenized: its tokens are the
+    full text's first tokens. No dataset: one message naming the field."""
+    from edgeshard_mpi.data import load_tokenizer
+    from edgeshard_mpi.evaluate import _eval_tokens, _needed_text
+    from edgeshard_mpi.presets import resolve
+
+    model = shared_data / "stories260K-hf"
+    tok = load_tokenizer(str(model / "tokenizer.model"), str(model), 512)
+    text = (shared_data / "wikitext-2-raw-v1" / "wiki.test.raw").read_text()[:100_000]
+    full = tok.encode(text)
+    part = _needed_text(text, tok, 3000)
+    assert len(part) < len(text) and part.endswith("\n")
+    ids = tok.encode(part)
+    assert len(ids) >= 3000 and ids == full[: len(ids)]
+    job = parse_job(f'[model]\nsource = "{model}"\n', tmp_path / "j.toml")
+    with pytest.raises(JobError, match=r"eval\.dataset: no text to evaluate on"):
+        _eval_tokens(job, resolve(str(model)))
