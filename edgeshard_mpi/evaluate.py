@@ -321,6 +321,7 @@ def eval_job(job_path: str) -> int:
     if gen:
         agree = agreement(gen["exact"], gen[job.transport.wire])
         attrs |= agree
+        data["prompt_ids"] = (prompts.ids, "token ids", "the prompts generated from")
         for w, toks in gen.items():
             data[f"generated_{w}"] = (toks, "token ids", f"greedy tokens, wire {w}")
         log.info(

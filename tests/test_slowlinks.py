@@ -22,6 +22,7 @@ from edgeshard_mpi.planner.baselines import make_plan
 from edgeshard_mpi.planner.problem import compress_activations, make_problem
 from edgeshard_mpi.wire import Codec
 from tests.conftest import ROOT, mpiexec
+from tests.test_mpi import hf_generate
 
 
 def activations(tokens=40, hidden=64, seed=0) -> torch.Tensor:
@@ -189,6 +190,9 @@ def test_eval_one_stage_equals_three_ranks_and_int8_prices(shared_data, write_jo
         assert 0 <= b.attrs["token_agreement"] <= 1 and 0 <= b.attrs["prefix_agreement"] <= 1
         assert b["generated_exact"].shape == b["generated_int8"].shape == (2, 12)
         wins, nll = a["windows"][:], a["nll_exact"][:]
+        prompt_ids, generated = b["prompt_ids"][:], b["generated_exact"][:]
+    # The exact wire through the 3-rank runtime: transformers' own greedy tokens.
+    assert np.array_equal(generated, hf_generate(model, prompt_ids, 12, 1))
     from edgeshard_mpi.data import load_tokenizer
 
     tok = load_tokenizer(tokenizer, model, 512)
