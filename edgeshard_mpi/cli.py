@@ -31,6 +31,16 @@ def run(
     finish(run_job(str(job), resume, tuple(exclude or ())))
 
 
+@app.command("eval")
+def eval_(job: Annotated[Path, typer.Argument(help="job file (TOML)")]) -> None:
+    """Perplexity through the split model, and token agreement of a lossy wire with the
+    exact one (under MPI, like run; job fields in [eval] and [transport])."""
+    from .evaluate import eval_job
+    from .runner import finish
+
+    finish(eval_job(str(job)))
+
+
 @app.command()
 def profile(
     job: Annotated[Path, typer.Argument(help="job file (TOML)")],

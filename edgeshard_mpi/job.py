@@ -19,6 +19,7 @@ from .jobcfg import (
     STRATEGIES_PLANNED,
     ClusterCfg,
     DeviceCfg,
+    EvalCfg,
     Job,
     ModelCfg,
     OutputCfg,
@@ -27,6 +28,7 @@ from .jobcfg import (
     ProfileCfg,
     RuntimeCfg,
     StageCfg,
+    TransportCfg,
     WorkloadCfg,
 )
 from .presets import DTYPE_BYTES, PRESETS
@@ -205,7 +207,7 @@ def _auto_int(sec: Section, key: str) -> int | None:
     if value == "auto":
         return None
     if isinstance(value, str) or value < 1:
-        raise JobError(f'pipeline.{key}: an integer >= 1 or "auto", got {value!r}')
+        raise JobError(f'{sec.name}.{key}: an integer >= 1 or "auto", got {value!r}')
     return value
 
 
@@ -271,6 +273,32 @@ def _auto_float(sec: Section, key: str) -> float | None:
     return value
 
 
+def _transport(sec: Section) -> TransportCfg:
+    cfg = TransportCfg(wire=sec.choice("wire", ("exact", "bf16", "fp16", "int8"), "exact"))
+    sec.finish()
+    return cfg
+
+
+def _eval(sec: Section, base: Path, wl: WorkloadCfg) -> EvalCfg:
+    raw = sec.get("dataset", str)
+    window, stride = _auto_int(sec, "window"), _auto_int(sec, "stride")
+    cfg = EvalCfg(
+        dataset=expand_path(raw, base, "eval.dataset") if raw else wl.dataset,
+        window=window,
+        stride=stride,
+        max_windows=sec.positive("max_windows", 0, zero_ok=True),
+        agreement=sec.get("agreement", bool, True),
+    )
+    sec.finish()
+    if window is not None:
+        bounds.int_in(window, 2, 1 << 20, "eval.window", '"auto": the model\'s context')
+    if stride is not None:
+        top = window if window is not None else 1 << 20
+        bounds.int_in(stride, 1, top, "eval.stride", "at most the window")
+    bounds.int_in(cfg.max_windows, 0, 1 << 30, "eval.max_windows", "0 = the whole text")
+    return cfg
+
+
 def _output(sec: Section) -> OutputCfg:
     out = OutputCfg(
         path=sec.get("path", str, OutputCfg.path),
@@ -310,6 +338,8 @@ def _parse(data: dict, path: Path, text: str) -> Job:
             "profile",
             "cluster",
             "pipeline",
+            "transport",
+            "eval",
         )
     }
     top.finish()
@@ -331,6 +361,8 @@ def _parse(data: dict, path: Path, text: str) -> Job:
         output=_output(Section(sections["output"], "output")),
         profile=_profile(Section(sections["profile"], "profile"), base),
         cluster=_cluster(Section(sections["cluster"], "cluster"), base),
+        transport=_transport(Section(sections["transport"], "transport")),
+        eval=_eval(Section(sections["eval"], "eval"), base, workload),
     )
 
 

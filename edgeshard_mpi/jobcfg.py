@@ -183,6 +183,29 @@ class OutputCfg:
 
 
 @dataclass(frozen=True)
+class TransportCfg:
+    wire: str = "exact"
+    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8."""
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """`edgeshard-mpi eval JOB` (evaluate.py): perplexity over strided windows of a text."""
+
+    dataset: Path | None = None
+    """A WikiText raw file; None: workload.dataset."""
+    window: int | None = None
+    """Tokens per window; None ("auto"): the model's context length."""
+    stride: int | None = None
+    """Tokens the window moves by; None ("auto"): half the window."""
+    max_windows: int = 0
+    """Evaluate only the first windows (0: the whole text)."""
+    agreement: bool = True
+    """With a lossy wire: also generate the workload's prompts with wire = exact and with
+    the job's wire, and report how many tokens agree."""
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     path: Path
@@ -195,6 +218,8 @@ class Job:
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     pipeline: PipelineCfg = field(default_factory=PipelineCfg)
+    transport: TransportCfg = field(default_factory=TransportCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
     def profile_batch_sizes(self) -> tuple[int, ...]:
         if self.profile.batch_sizes:
@@ -217,6 +242,12 @@ class Job:
             raise JobError(
                 f"workload: prompt_tokens + new_tokens = {wl.context} exceeds the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings}); shorten them"
+            )
+        ev = self.eval
+        if ev.window is not None and ev.window > spec.max_position_embeddings:
+            raise JobError(
+                f"eval.window = {ev.window} exceeds the model's max_position_embeddings "
+                f"({spec.max_position_embeddings}); use at most that, or \"auto\""
             )
         for d in self.cluster.devices:
             if d.rank >= world_size:

@@ -32,7 +32,7 @@ MASKS = {
 class Stage(nn.Module):
     """Units [start, end) of the model. forward(x) takes token ids [B, S] when it owns the
     embedding, else hidden states [B, S, H]; returns hidden states [B, S, H], or the next
-    token's logits [B, V] when it owns the head."""
+    token's logits [B, V] when it owns the head ([B, S, V] with `all_logits` set)."""
 
     def __init__(
         self,
@@ -78,6 +78,8 @@ class Stage(nn.Module):
         # Buffers no checkpoint holds (rotary tables, embedding scales): real, computed now.
         hf.materialize_buffers(full, self, self.device)
         self._aux: dict[tuple, tuple] = {}
+        self.all_logits = False
+        """The head returns every position's logits, not only the last (perplexity)."""
 
     def family_layer_types(self) -> list[str]:
         from .families import layer_types
@@ -219,6 +221,8 @@ class Stage(nn.Module):
                     use_cache=True,
                 )
         if self.has_head:
+            if self.all_logits:  # evaluation (evaluate.py): every position's logits [B, S, V]
+                return self._scale_logits(self.lm_head(self.norm(h)))
             logits = self.lm_head(self.norm(h[:, -1:]))[:, -1]  # logits: [B, V]
             return self._scale_logits(logits)
         return h

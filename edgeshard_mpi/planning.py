@@ -64,7 +64,18 @@ def profile_step(job: Job, spec, devices, device, tp, log: Log, out: Path | None
         cloud = load_testbed(job.cluster.testbed).cloud
     if cloud is not None:
         prof = replace(prof, cloud=cloud)
-    return prof
+    return _wire_profile(prof, job, spec)
+
+
+def _wire_profile(prof, job: Job, spec):
+    """The planner prices each hop at the wire's compressed size (wire.py)."""
+    from . import wire
+    from .planner.problem import compress_activations
+    from .presets import DTYPE_BYTES
+
+    w = job.transport.wire
+    ratio = wire.ratio(w, spec.hidden_size, DTYPE_BYTES[job.model.dtype])
+    return compress_activations(prof, ratio, w)
 
 
 def needs_profile(job: Job) -> bool:

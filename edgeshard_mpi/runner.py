@@ -116,6 +116,7 @@ def _infer(
             Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
             device,
             record_events=job.output.events,
+            wire=job.transport.wire,
         )
         memory = runtime.memory_bytes()
         t0 = tp.sync_clock()
@@ -268,6 +269,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
         dec,
     )
     record["attrs"]["emulation"] = emulation
+    record["attrs"]["wire"] = job.transport.wire  # activations between ranks (wire.py)
     if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
         record["attrs"]["resumed_groups"] = list(src.resumed_groups)
     if tb is not None:

@@ -470,3 +470,20 @@ def make_problem(
         w_prefill=w_p,
         w_decode=w_d,
     )
+
+
+def compress_activations(profile: Profile, ratio: float, wire: str) -> Profile:
+    """The profile as a compressed wire sees it: every activation between units takes
+    `ratio` of its bytes (wire.py's bytes per token over the dtype's); the last unit's
+    output (the token ids returning to the source) is never compressed. A ratio of 1 returns
+    the profile unchanged."""
+    from dataclasses import replace
+
+    if ratio == 1.0:
+        return profile
+    if not 0 < ratio <= 1:
+        raise ValueError(f"wire compression ratio must be in (0, 1], got {ratio}")
+    act = profile.activation_bytes_per_token.astype(float).copy()
+    act[:-1] *= ratio
+    meta = dict(profile.meta, wire=wire, wire_ratio=ratio)
+    return replace(profile, activation_bytes_per_token=act, meta=meta)
