@@ -224,14 +224,24 @@ def eval_job(job_path: str) -> int:
     """`edgeshard-mpi eval JOB` under MPI; returns the exit status."""
     from mpi4py import MPI
 
-    from . import runner as rn
     from .comm import Transport
+    from .planning import plan_step, profile_step
+    from .runner import load_stages, start_watchdog
+    from .startup import (
+        EXIT_USER_ERROR,
+        Log,
+        UserError,
+        agree,
+        describe_ranks,
+        setup,
+        start_testbed,
+    )
 
     tp = Transport(MPI.COMM_WORLD)
-    log = rn.Log(tp.rank)
-    wd = rn._watchdog(tp)
+    log = Log(tp.rank)
+    wd = start_watchdog(tp)
     try:
-        job, spec, prompts, out = rn._setup(job_path, tp)
+        job, spec, prompts, out = setup(job_path, tp)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
         ids = tok_name = wins = None
         ev = job.eval
@@ -247,17 +257,17 @@ def eval_job(job_path: str) -> int:
                 wins = windows(len(ids), window, stride, ev.max_windows)
             except JobError as e:
                 err = str(e)
-        rn._agree(tp, err)
+        agree(tp, err)
         wins = tp.bcast(wins)
-        tb, emulation = rn._testbed(job, tp)
-        devices, device = rn._devices(job, tp, tb)
+        tb, emulation = start_testbed(job, tp)
+        devices, device = describe_ranks(job, tp, tb)
         watchdog.phase("profile")
-        prof = rn._profile(job, spec, devices, device, tp, log, out)
+        prof = profile_step(job, spec, devices, device, tp, log, out)
         watchdog.phase("plan")
-        plan, _, _, dec = rn._plan(job, spec, devices, prof, tp, log)
+        plan, _, _, dec = plan_step(job, spec, devices, prof, tp, log)
         log.info(f"plan ({plan.strategy}): {plan.describe()}; wire = {job.transport.wire}")
         watchdog.phase("load")
-        stages, _ = rn._load(job, spec, plan, device, tp)
+        stages, _ = load_stages(job, spec, plan, device, tp)
         watchdog.phase("infer")
         wires = ["exact"] if job.transport.wire == "exact" else ["exact", job.transport.wire]
         nll, seconds, sent = {}, {}, {}
@@ -271,11 +281,11 @@ def eval_job(job_path: str) -> int:
         if ev.agreement and len(wires) > 1:
             for w in wires:
                 gen[w] = _generate(job, spec, prompts, plan, stages, device, tp, dec, w)
-    except rn.UserError as e:
+    except UserError as e:
         wd.stop()
         for line in str(e).splitlines():
             log.error(line)
-        return rn.EXIT_USER_ERROR
+        return EXIT_USER_ERROR
     except Exception:
         print(f"[rank {tp.rank}] internal error:\n{traceback.format_exc()}", file=sys.stderr)
         raise
@@ -335,6 +345,6 @@ def eval_job(job_path: str) -> int:
         written = write_eval(out, {"attrs": attrs, "data": data})
     except OutputError as e:
         log.error(f"results not written: {e.strerror}")
-        return rn.EXIT_USER_ERROR
+        return EXIT_USER_ERROR
     log.info(f"wrote {written}")
     return 0

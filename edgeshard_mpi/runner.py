@@ -23,7 +23,7 @@ from .planning import Decision, plan_step, profile_step
 from .startup import EXIT_USER_ERROR, Log, UserError, agree, describe_ranks, setup, start_testbed
 
 
-def _load(job: Job, spec, plan, device, tp):
+def load_stages(job: Job, spec, plan, device, tp):
     """Step 5 (load): build this rank's stages from its own tensors only."""
     from .kernels import load_stage
     from .weights import CheckpointError, weight_source
@@ -138,7 +138,7 @@ def _infer(
     return res, shape, out, journal
 
 
-def _watchdog(tp):
+def start_watchdog(tp):
     """The stall watchdog of this rank (watchdog.py), started before any collective."""
     import socket
 
@@ -177,7 +177,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
-    wd = _watchdog(tp)
+    wd = start_watchdog(tp)
     try:
         job, spec, prompts, out = setup(job_path, tp)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
@@ -224,7 +224,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
                 f"{predicted['tokens_per_s']:.1f} tokens/s"
             )
         watchdog.phase("load")
-        stages, load_s = _load(job, spec, plan, device, tp)
+        stages, load_s = load_stages(job, spec, plan, device, tp)
         watchdog.phase("infer")
         res, shape, out, journal = _infer(
             job, spec, prompts, plan, stages, device, tp, log, dec, out, book
@@ -317,7 +317,7 @@ def profile_job(job_path: str, out_path: str | None) -> int:
 
     tp = Transport(MPI.COMM_WORLD)
     log = Log(tp.rank)
-    wd = _watchdog(tp)
+    wd = start_watchdog(tp)
     try:
         job, spec, _, out = setup(job_path, tp, need_prompts=False)
         wd.set_limit(watchdog.auto_limit(None, job.runtime.stall_timeout_s))
