@@ -18,9 +18,6 @@ MAX_POLL_US = 1e5
 """A waiting rank sleeps at most this long between MPI_Test calls (0.1 s)."""
 MIN_POLL_US = 0.1
 MAX_SEED = 2**63 - 1
-MAX_SLOTS = 4096
-"""Slots of one hostfile entry (ranks on one host)."""
-MAX_RANKS = 65536
 MAX_STALL_S = 7 * 86400.0
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 TEMPLATE_FIELDS = {"name", "time"}

@@ -47,7 +47,7 @@ AUTO_STEPS = 20.0
 EXIT_STALL = 3
 
 _PR_SET_PDEATHSIG = 1
-_state = {"beat": time.monotonic(), "phase": "start", "waiting": 0}
+_state = {"beat": time.monotonic(), "phase": "start", "phase_t": 0.0, "waiting": 0}
 _disturbed = [0]
 
 
@@ -68,7 +68,7 @@ def waiting():
 
 
 def phase(name: str) -> None:
-    _state["phase"] = name
+    _state["phase"], _state["phase_t"] = name, time.monotonic()
     beat()
 
 
@@ -139,8 +139,8 @@ class Watchdog(threading.Thread):
         self._halt = threading.Event()
         self._round = 0
         self._sends: list = []
-        self._seen: dict[int, dict] = {}
-        """Each rank's last answer: the phase of a rank that went silent."""
+        self._seen: dict[int, tuple[float, dict]] = {}
+        """Each rank's last answer and when: the phase of a rank that went silent."""
         beat()
 
     def set_limit(self, limit_s: float) -> None:
@@ -209,7 +209,7 @@ class Watchdog(threading.Thread):
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=PONG, status=st):
                 src = st.Get_source()
                 got_round, state = self.comm.recv(source=src, tag=PONG)
-                self._seen[src] = state
+                self._seen[src] = (time.monotonic(), state)
                 if got_round == rnd:
                     answers[src] = state
             time.sleep(0.05)
@@ -234,7 +234,10 @@ class Watchdog(threading.Thread):
             culprit = silent[0]
             wait = PING_ROUNDS * PING_WAIT_S
             what = f"stopped answering (no reply in {wait:.0f} s)"
-            ph = self._seen.get(culprit, answers[self.rank])["phase"]
+            # Phases end in collectives, so the silent rank is in this rank's phase, unless
+            # it answered since this rank entered it (then its own word is newer).
+            seen_t, seen = self._seen.get(culprit, (0.0, None))
+            ph = seen["phase"] if seen and seen_t > _state["phase_t"] else _state["phase"]
         else:
             culprit = max(answers, key=lambda r: answers[r]["age"])
             what = "and every other rank made no progress"
