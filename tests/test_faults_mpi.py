@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeshard_mpi import toml_out
+from edgeshard_mpi import toml_out, watchdog
 from edgeshard_mpi.metrics import read_run
 from edgeshard_mpi.resume import Journal
 from tests.conftest import mpiexec
@@ -157,7 +157,7 @@ def test_profiler_refuses_a_measurement_a_stop_disturbed(tmp_path):
     time.sleep(0.5)
     pid = run.ranks()[1]
     os.kill(pid, signal.SIGSTOP)
-    time.sleep(2.5)
+    time.sleep(watchdog.FROZEN_GAP_S + 2)
     os.kill(pid, signal.SIGCONT)
     rc = run.finish(120)
     assert rc == 2, run.stderr
