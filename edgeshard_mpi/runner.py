@@ -93,6 +93,7 @@ def _infer(
                 f"{finished[0]} group(s) finished before it are in {journal.path}: free "
                 f"space, then resume with --resume {journal.path}"
             )
+            time.sleep(1.0)  # let the launcher forward the line before the abort tears down
             tp.comm.Abort(EXIT_USER_ERROR)
         n = int(np.sum(res.tokens[group] >= 0))
         dt = np.nanmax(res.token_time[group]) - res.group_start[group]

@@ -255,5 +255,6 @@ class Watchdog(threading.Thread):
         from .outfiles import abandon
 
         abandon()
+        time.sleep(0.5)  # let the launcher forward the line before the abort tears down
         self.comm.Abort(EXIT_STALL)
         return False
