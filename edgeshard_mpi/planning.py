@@ -166,7 +166,7 @@ def plan_step(job: Job, spec, devices, prof, tp, log: Log):
                 fixed = even_plan(spec.n_units, part.ranks or tuple(range(tp.size)))
 
             def make(prob):
-                if job.runtime.check_memory:
+                if job.runtime.check_memory and pc.pipelined:  # (sequential: held back below)
                     prob = _hold_back(prob, spec, job)
                 if fixed is None and pc.pipelined:  # joint over plans too (planner/pipeline.py)
                     return candidate_plans(prob, part.strategy, part.objective, part.algorithm)
