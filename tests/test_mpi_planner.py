@@ -4,6 +4,7 @@ with exact tokens; a saved profile is reused; an infeasible cluster fails cleanl
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -120,7 +121,9 @@ def test_infeasible_memory_exits_2_with_the_numbers(write_job, tmp_path):
     job_dict["cluster"]["devices"] = [{"rank": r, "memory": "150KiB"} for r in range(3)]
     proc = run_mpi(3, write_job(job_dict), timeout=180)
     assert proc.returncode == 2, proc.stderr
-    assert "GB" in proc.stderr and "Traceback" not in proc.stderr
+    # 150 KiB budgets: the figures are given in kB/MB, not as "0.00 GB"
+    assert re.search(r"needs \d+\.\d+ MB .* hold \d+(\.\d+)? (B|kB|MB)\b", proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
     assert proc.stderr.count("error:") == 1
     assert not (tmp_path / "results" / "run.h5").exists()
 
