@@ -32,7 +32,7 @@ import torch
 from . import emulation
 from .kernels import load_stage
 from .model import Stage, first_position, position_ids
-from .planner.problem import TOKEN_BYTES, Profile
+from .planner.profiles import TOKEN_BYTES, Profile
 from .presets import DTYPE_BYTES, ModelSpec
 from .weights import CheckpointError
 

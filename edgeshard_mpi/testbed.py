@@ -130,7 +130,7 @@ def find_testbed(name: str) -> Path:
 
 
 def load_testbed(name: str | Path) -> Testbed:
-    from .planner.problem import ProfileError, _links
+    from .planner.profiles import ProfileError, _links
 
     path = find_testbed(str(name))
     try:

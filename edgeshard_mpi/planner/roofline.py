@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..presets import DTYPE_BYTES, PRESETS, ModelSpec
-from .problem import FORMAT, VERSION
+from .profiles import FORMAT, VERSION
 
 ETA_MEM, ETA_COMPUTE = 0.9, 0.5
 
