@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .exact import segment_costs, solve
+from .dp import segment_costs
+from .exact import solve
 from .plan import Plan
 from .problem import Problem
 
