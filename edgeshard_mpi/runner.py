@@ -187,8 +187,6 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
             from .resume import output_of
 
             out = output_of(book.path)
-        tp.poll_min = job.runtime.poll_min_us * 1e-6
-        tp.poll_max = job.runtime.poll_max_us * 1e-6
         if prompts is not None and prompts.note:
             log.info(f"note: {prompts.note}")
         tb, emulation = start_testbed(job, tp)

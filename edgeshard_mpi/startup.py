@@ -94,6 +94,9 @@ def setup(job_path: str, tp, need_prompts: bool = True):
     except JobError as e:
         err = str(e)
     agree(tp, err)
+    # Every command's waits (run, profile, eval) sleep as the job says, from here on.
+    tp.poll_min = job.runtime.poll_min_us * 1e-6
+    tp.poll_max = job.runtime.poll_max_us * 1e-6
     return job, spec, prompts, out
 
 
