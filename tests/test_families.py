@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from edgeshard_mpi.families import UnsupportedModel
+from edgeshard_mpi.kernels import apply_kernels
 from edgeshard_mpi.model import Stage, first_position, position_ids
 from edgeshard_mpi.presets import resolve
 from edgeshard_mpi.weights import weight_source
@@ -49,12 +50,13 @@ def generate(model, ids: torch.Tensor, new: int = NEW) -> torch.Tensor:
     return out[:, ids.shape[1] :]
 
 
-def load_chain(path, cuts, cls=Stage):
+def load_chain(path, cuts, cls=Stage, kernels="exact"):
     spec = resolve(str(path))
     src = weight_source(str(path), spec, "float32", 0)
     stages = [cls(spec, a, b) for a, b in itertools.pairwise(cuts)]
     for st in stages:
         st.load(src)
+        apply_kernels(st, kernels)
     return stages
 
 
@@ -122,6 +124,11 @@ def test_split_equals_generate(name, ckpt_root):
     for a, b in zip(logits1, logits3, strict=True):
         assert torch.equal(a, b)  # the same modules on the same inputs: bitwise
     torch.testing.assert_close(logits1[0], ref_logits, rtol=1e-5, atol=1e-5)
+    # The fast kernels (the runtime's default): the same tokens, 1 and 3 stages bitwise.
+    fast1, flog1 = run_chain(load_chain(path, [0, 6], kernels="fast"), ids)
+    fast3, flog3 = run_chain(load_chain(path, [0, 2, 4, 6], kernels="fast"), ids)
+    assert torch.equal(fast1, expected) and torch.equal(fast3, expected), f"{name}: fast"
+    assert all(torch.equal(a, b) for a, b in zip(flog1, flog3, strict=True))
     # The test can fail: the model's tokens depend on its last layer.
     wrong, _ = run_chain(load_chain(path, [0, 2, 4, 6], SkipLastLayer), ids)
     assert not torch.equal(wrong, expected), f"{name}: tokens ignore the last layer"
