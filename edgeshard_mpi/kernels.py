@@ -110,7 +110,6 @@ class FastLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
 
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.weight_t
         if USE_NUMPY_BLAS and x.dtype == wt.dtype == torch.float32 and x.is_cpu and wt.is_cpu:

@@ -78,6 +78,14 @@ class Stage(nn.Module):
         # Buffers no checkpoint holds (rotary tables, embedding scales): real, computed now.
         hf.materialize_buffers(full, self, self.device)
         self._aux: dict[tuple, tuple] = {}
+        self._mask_tmpl: dict[tuple, torch.Tensor | bool] = {}
+        self._rot_table: dict[tuple, dict | bool] = {}
+        self._rope_static = self.rotary is not None and not any(
+            "dynamic" in t or t == "longrope" for t in _rope_types(self.rotary)
+        )
+        self.fast_decode_aux = True
+        """Decode steps build masks and rotary cheaply (`_decode_aux`); False: always as
+        transformers does (tests compare the two bitwise)."""
         self.all_logits = False
         """The head returns every position's logits, not only the last (perplexity)."""
 
@@ -150,37 +158,94 @@ class Stage(nn.Module):
             if layer.is_initialized
         )
 
+    def _hf_mask(self, kind: str, h, cache, position_ids):
+        # Size the mask against this stage's own first layer of that kind: the cache layers
+        # of other stages are empty here, and the default (layer 0) would read as length 0.
+        first = self.layer_ids[self.layer_types.index(kind)]
+        return MASKS[kind](
+            config=self.config,
+            inputs_embeds=h,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first,
+        )
+
+    def _hf_rotary(self, h, position_ids) -> dict:
+        if self.family.rotary_per_type:
+            return {k: self.rotary(h, position_ids, k) for k in dict.fromkeys(self.layer_types)}
+        return dict.fromkeys(self.layer_types, self.rotary(h, position_ids=position_ids))
+
     def _mask_and_rotary(
         self, h: torch.Tensor, cache, position_ids: torch.Tensor, start: int | None
     ):
         """Per attention kind, the mask and the rotary cos/sin for these positions. With a
         static cache and no padding both depend only on (batch, length, first position), so
-        they are built once per step and reused: the same tensors, hence the same results."""
+        they are built once per step and reused: the same tensors, hence the same results.
+        A decode step (one position) takes the cheap path of `_decode_aux` where it is exact."""
+        if start is not None and h.shape[1] == 1 and self.fast_decode_aux:
+            return self._decode_aux(h, cache, position_ids, start)
         key = (h.shape[0], h.shape[1], start)
         if start is not None and key in self._aux:
             return self._aux[key]
-        masks, rotary = {}, {}
-        for kind in dict.fromkeys(self.layer_types):
-            # Size the mask against this stage's own first layer of that kind: the cache
-            # layers of other stages are empty here, and the default (layer 0) would read
-            # as length 0.
-            first = self.layer_ids[self.layer_types.index(kind)]
-            masks[kind] = MASKS[kind](
-                config=self.config,
-                inputs_embeds=h,
-                attention_mask=None,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=first,
-            )
-            if self.family.rotary_per_type:
-                rotary[kind] = self.rotary(h, position_ids, kind)
-            elif not rotary:
-                rotary = dict.fromkeys(self.layer_types, self.rotary(h, position_ids=position_ids))
-        out = (masks, rotary)
+        masks = {
+            k: self._hf_mask(k, h, cache, position_ids) for k in dict.fromkeys(self.layer_types)
+        }
+        out = (masks, self._hf_rotary(h, position_ids))
         if start is not None:
             self._aux[key] = out
         return out
+
+    def _decode_aux(self, h, cache, position_ids, start: int):
+        """One decode position `start`, every row there, static cache: the masks and the
+        rotary cos/sin without transformers' per-step machinery (~0.1 ms per stage and
+        token). A full-attention mask is `key index <= start`; the rotary cos/sin are rows
+        of a table computed once for every position of the cache. Each is compared once
+        with what transformers builds (the first decode step of each shape); a kind whose
+        mask or rotary differs, a sliding window's mask, and rope types that change with
+        the length (dynamic, longrope) keep transformers' own, so results are the same bits."""
+        b = h.shape[0]
+        masks = {}
+        for kind in dict.fromkeys(self.layer_types):
+            tkey = (kind, b, self._cache_len(cache, kind))
+            tmpl = self._mask_tmpl.get(tkey)
+            if tmpl is None:
+                masks[kind] = self._hf_mask(kind, h, cache, position_ids)
+                self._mask_tmpl[tkey] = _causal_template(masks[kind], kind, start)
+            elif tmpl is False:  # transformers' mask, built once per position (memo)
+                mkey = (*tkey, start)
+                if mkey not in self._aux:
+                    self._aux[mkey] = self._hf_mask(kind, h, cache, position_ids)
+                masks[kind] = self._aux[mkey]
+            else:
+                masks[kind] = tmpl <= start
+        n = self._cache_len(cache, None)
+        if not self._rope_static or n is None or start >= n:
+            return masks, self._hf_rotary(h, position_ids)
+        rkey = (h.dtype, n)
+        table = self._rot_table.get(rkey)
+        if table is None:  # once per cache length: every position, checked against one step
+            every = torch.arange(n, device=h.device).unsqueeze(0)
+            table = self._hf_rotary(h[:1], every)
+            ref = self._hf_rotary(h, position_ids)
+            got = _rows(table, start, b)
+            same = all(
+                torch.equal(got[k][0], ref[k][0]) and torch.equal(got[k][1], ref[k][1]) for k in ref
+            )
+            table = self._rot_table[rkey] = table if same else False
+            if not same:
+                return masks, ref
+        if table is False:
+            return masks, self._hf_rotary(h, position_ids)
+        return masks, _rows(table, start, b)
+
+    def _cache_len(self, cache, kind: str | None) -> int | None:
+        """Key slots of this stage's first layer (of that kind) in a static cache."""
+        if not isinstance(cache, StaticCache):
+            return None
+        i = self.layer_ids[0 if kind is None else self.layer_types.index(kind)]
+        layer = cache.layers[i]
+        return layer.keys.shape[-2] if layer.is_initialized else None
 
     def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         fam, cfg = self.family, self.config
@@ -227,6 +292,36 @@ class Stage(nn.Module):
             logits = self.lm_head(self.norm(h[:, -1:]))[:, -1]  # logits: [B, V]
             return self._scale_logits(logits)
         return h
+
+
+def _rope_types(rotary: nn.Module) -> list[str]:
+    t = getattr(rotary, "rope_type", "default")
+    return [str(v) for v in t.values()] if isinstance(t, dict) else [str(t)]
+
+
+def _causal_template(mask, kind: str, start: int):
+    """The key indices [B, 1, 1, L] whose `<= start` is `mask` (transformers' decode mask
+    of a full-attention layer at position start), or False if the mask is not that."""
+    if kind != "full_attention" or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return False
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return False
+    idx = torch.arange(mask.shape[-1], device=mask.device).view(1, 1, 1, -1)
+    idx = idx.expand(mask.shape).contiguous()
+    return idx if torch.equal(idx <= start, mask) else False
+
+
+def _rows(table: dict, start: int, b: int) -> dict:
+    """Rows `start` of rotary tables [1, n, D] as [b, 1, D] (the shape one step gives)."""
+    out, seen = {}, {}
+    for kind, (cos, sin) in table.items():
+        if id(cos) not in seen:
+            seen[id(cos)] = (
+                cos[:, start : start + 1].expand(b, 1, -1),
+                sin[:, start : start + 1].expand(b, 1, -1),
+            )
+        out[kind] = seen[id(cos)]
+    return out
 
 
 def first_position(prompt_tokens: int, step: int) -> int:

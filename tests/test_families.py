@@ -357,3 +357,30 @@ def test_a_unit_reads_only_its_own_tensors(name, ckpt_root, monkeypatch):
         assert any(".experts.3.w1." in k for k in read)  # on disk: one tensor per expert
         fused = state["model.layers.1.mlp.experts.gate_up_proj"]
         assert fused.shape[0] == 4  # in memory: all experts in one tensor
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_decode_masks_and_rotary_shortcut_is_bitwise(name, ckpt_root):
+    """A decode step's masks and rotary cos/sin (Stage._decode_aux: key index <= position,
+    rows of a rotary table) give the same bits as building them as transformers does."""
+    path = build(name, ckpt_root)
+    ids = prompt()
+    runs = {}
+    for fast_aux in (True, False):
+        stages = load_chain(path, [0, 2, 4, 6], kernels="fast")
+        for st in stages:
+            st.fast_decode_aux = fast_aux
+        runs[fast_aux] = run_chain(stages, ids)
+    toks, logits = runs[True]
+    assert torch.equal(toks, runs[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(logits, runs[False][1], strict=True)), name
+    # The shortcut is taken where it can be: full-attention masks under SDPA (a bool mask;
+    # eager attention's is additive) and static rope tables.
+    st = load_chain(path, [0, 2, 4, 6], kernels="fast")
+    run_chain(st, ids, new=3)
+    kinds = {k for s in st for (k, *_), t in s._mask_tmpl.items() if t is not False}
+    full = "full_attention" in {k for s in st for k in s.layer_types}
+    if full and st[0].config._attn_implementation == "sdpa":
+        assert kinds == {"full_attention"}, name
+    if st[1]._rope_static:
+        assert all(t is not False for s in st for t in s._rot_table.values()), name
