@@ -113,11 +113,15 @@ class FastLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.weight_t
         if USE_NUMPY_BLAS and x.dtype == wt.dtype == torch.float32 and x.is_cpu and wt.is_cpu:
-            # numpy's OpenBLAS (module docstring): views of the same storage, no copies.
-            x2 = x.reshape(-1, self.in_features).contiguous()
-            y = torch.empty(x2.shape[0], self.out_features)
-            np.matmul(x2.numpy(), wt.numpy(), out=y.numpy())
-            y = y.view(*x.shape[:-1], self.out_features)
+            # numpy's OpenBLAS (module docstring) on views of the same storage; numpy
+            # allocates the result, torch takes it over without a copy (~2 us per call less
+            # than allocating it through torch: 7 calls per layer per token).
+            xn = (x if x.is_contiguous() else x.contiguous()).numpy()  # BLAS-able strides
+            if xn.ndim > 2 and xn.shape[0] != 1:  # one sgemm over all rows: numpy would
+                rows = np.matmul(xn.reshape(-1, xn.shape[-1]), wt.numpy())  # loop the batch
+                y = torch.from_numpy(rows.reshape(*xn.shape[:-1], -1))
+            else:
+                y = torch.from_numpy(np.matmul(xn, wt.numpy()))
         else:
             y = torch.matmul(x, wt)
         return y if self.bias is None else y + self.bias
