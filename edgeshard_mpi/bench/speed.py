@@ -8,7 +8,7 @@ environment through a .pth file, to avoid a second 700 MB torch). Everything bui
 under the cache folder (default ~/.cache/edgeshard-llamacpp), never in the checkout.
 
 Measured in one run, interleaved round by round (medians of the rounds), 1 thread per
-process, on a random Llama of hidden 512, 8 layers, vocab 32000 (58M parameters, 232 MB
+process (`--threads 2`: 2 each, both tools), on a random Llama of hidden 512, 8 layers, vocab 32000 (58M parameters, 232 MB
 fp32; saved as a Hugging Face checkpoint so that both tools read the same weights) and on
 the trained stories260K:
 - llama.cpp: 1 process; main + 1 and main + 3 RPC servers (-ngl 99: the layers are spread
@@ -156,7 +156,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_bench(lc: dict, gguf: Path, servers: int, n_gen: int, n_prompt: int) -> tuple:
+def llama_bench(
+    lc: dict, gguf: Path, servers: int, n_gen: int, n_prompt: int, threads: int = 1
+) -> tuple:
     """(decode ms/token, prompt tokens/s) of llama-bench with `servers` RPC servers."""
     procs, ports = [], []
     try:
@@ -164,7 +166,15 @@ def llama_bench(lc: dict, gguf: Path, servers: int, n_gen: int, n_prompt: int) -
             port = _free_port()
             procs.append(
                 subprocess.Popen(
-                    [str(lc["ggml-rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                    [
+                        str(lc["ggml-rpc-server"]),
+                        "-H",
+                        "127.0.0.1",
+                        "-p",
+                        str(port),
+                        "-t",
+                        str(threads),
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -176,7 +186,7 @@ def llama_bench(lc: dict, gguf: Path, servers: int, n_gen: int, n_prompt: int) -
                     if s.connect_ex(("127.0.0.1", port)) == 0:
                         break
                 time.sleep(0.05)
-        cmd = [str(lc["llama-bench"]), "-m", str(gguf), "-t", "1", "-r", "1", "-o", "json",
+        cmd = [str(lc["llama-bench"]), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json",
                "-p", str(n_prompt), "-n", str(n_gen)]  # fmt: skip
         if servers:
             cmd += ["--rpc", ",".join(f"127.0.0.1:{p}" for p in ports), "-ngl", "99"]
@@ -205,8 +215,9 @@ def project(
     n_prompt: int,
     prompts: int,
     env: dict | None = None,
+    threads: int = 1,
 ) -> tuple:
-    """(decode ms/token, prompt tokens/s, run) of this project on n ranks, 1 thread each."""
+    """(decode ms/token, prompt tokens/s, run) of this project on n ranks, `threads` each."""
     job = {
         "name": f"speed-{n}",
         "model": {"source": model},
@@ -219,7 +230,7 @@ def project(
             "fallback": "builtin",
         },
         "partition": {"strategy": "even"},
-        "runtime": {"threads": 1, "kernels": kernels},
+        "runtime": {"threads": threads, "kernels": kernels},
         "output": {"path": str((out / f"r{n}-{kernels}.h5").resolve()), "events": True},
     }
     data = data_dir()
@@ -262,6 +273,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument(
+        "--threads", type=int, default=1, help="threads per process, both tools (default 1)"
+    )
+    ap.add_argument(
         "--kernels",
         default="fast,exact",
         help="kernels to run: the first at 1/2/4 ranks, the rest at 1",
@@ -287,14 +301,14 @@ def main(argv=None) -> None:
     rows: dict[tuple, list] = {}
     for rnd in range(args.rounds):
         for name, path in models.items():
-            g, p = args.new_tokens, args.prompt_tokens
+            g, p, t = args.new_tokens, args.prompt_tokens, args.threads
             if lc is not None:
                 for servers in (0, 1, 3):
                     key = (name, f"llama.cpp, main + {servers} RPC" if servers else "llama.cpp, 1")
-                    rows.setdefault(key, []).append(llama_bench(lc, ggufs[name], servers, g, p))
+                    rows.setdefault(key, []).append(llama_bench(lc, ggufs[name], servers, g, p, t))
             for k in kernels:
                 for n in RANKS if k == kernels[0] else (1,):
-                    dec, pp, run = project(n, str(path), k, out, g, p, args.prompts)
+                    dec, pp, run = project(n, str(path), k, out, g, p, args.prompts, threads=t)
                     tokens = run["summary"]["@generated_tokens"]
                     compute = run["ranks"]["compute_s"].sum() / tokens * 1e3
                     hop = hop_transport_ms(run) if n > 1 else 0.0
@@ -305,7 +319,7 @@ def main(argv=None) -> None:
         print(f"  round {rnd + 1}/{args.rounds}: {json.dumps(last)}", flush=True)
     med = {k: tuple(median(col) for col in zip(*vs, strict=True)) for k, vs in rows.items()}
     bw = read_bandwidth()
-    report(med, models, bw, kernels, lc is not None)
+    report(med, models, bw, kernels, lc is not None, args.threads)
     (out / "summary.json").write_text(
         json.dumps(
             {
@@ -319,9 +333,11 @@ def main(argv=None) -> None:
     print(f"wrote {out / 'summary.json'}")
 
 
-def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> None:
+def report(
+    med: dict, models: dict, bw: float, kernels: list, have_lc: bool, threads: int = 1
+) -> None:
     names = list(models)
-    head = "ms per generated token (1 thread per process; medians of rounds)"
+    head = f"ms per generated token ({threads} thread(s) per process; medians of rounds)"
     print(f"\n| {head} | {' | '.join(names)} |")
     configs = []
     if have_lc:
@@ -358,7 +374,7 @@ def report(med: dict, models: dict, bw: float, kernels: list, have_lc: bool) -> 
             for s in (1, 3):
                 d = med[(m, f"llama.cpp, main + {s} RPC")][0]
                 print(f"{m}, llama.cpp: main + {s} adds {(d - one) / s:.3f} ms per extra process")
-    print("\nprompt processing, tokens/s (1 process or rank, 1 thread)")
+    print(f"\nprompt processing, tokens/s (1 process or rank, {threads} thread(s))")
     for m in names:
         cells = [f"this project ({k}) {med[(m, f'this project ({k}), 1 rank')][1]:.0f}"
                  for k in kernels]  # fmt: skip
