@@ -17,11 +17,12 @@ torch's MKL takes its generic code path on this AMD CPU; the OpenBLAS that numpy
 bundle (on x86 and ARM Linux alike) has a tuned sgemv and sgemm for it: batch-1 decode
 streams 1.5x faster and prefill's sgemm is ~20% faster. So "fast" keeps the transposed
 layout and multiplies through numpy (zero-copy views of the same storage) when numpy's
-BLAS is an OpenBLAS whose thread count this process can set (it then follows torch's,
-see `sync_threads`); otherwise through torch. Either way one kernel per process, so 1 and
-N ranks stay bitwise identical. Fusing q/k/v or gate/up into one
-matrix streams no faster (23.7 vs 23.4 GB/s) and would mean rewriting each family's
-attention, so it is not done.
+BLAS is an OpenBLAS whose thread count this process can set (pinned to one thread: see
+below); otherwise through torch. With several torch threads a prompt's products (more
+than NUMPY_MAX_ROWS rows) use torch's multi-threaded MKL. The kernel of a product depends
+only on its shape and the rank's thread count, so 1 and N ranks at the same threads stay
+bitwise identical. Fusing q/k/v or gate/up into one matrix streams no faster (23.7 vs
+23.4 GB/s) and would mean rewriting each family's attention, so it is not done.
 
 The transform is family-agnostic: it walks any nn.Module and swaps each nn.Linear (the
 attention and MLP projections of every decoder layer, and the lm_head) for a FastLinear
@@ -77,20 +78,15 @@ def _openblas_setter():
 
 np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # loads numpy's BLAS now
 _SET_BLAS_THREADS = _openblas_setter()
-_blas_threads = 0
-
-
-def sync_threads() -> None:
-    """numpy's OpenBLAS runs on as many threads as torch (runtime.threads); cheap when
-    unchanged, so a stage calls it every step."""
-    global _blas_threads
-    n = torch.get_num_threads()
-    if n != _blas_threads and _SET_BLAS_THREADS is not None:
-        _SET_BLAS_THREADS(n)
-        _blas_threads = n
-
-
+if _SET_BLAS_THREADS is not None:
+    # Always one thread, the caller's: OpenBLAS's own thread pool spins on its peers and
+    # collapsed when cores are shared (2 threads, busy host: 321 vs torch's 64 ms/token).
+    _SET_BLAS_THREADS(1)
 USE_NUMPY_BLAS = _SET_BLAS_THREADS is not None
+NUMPY_MAX_ROWS = 16
+"""With several torch threads, products of more rows than this (a prompt) go to torch's
+multi-threaded MKL; decode-sized ones stay on one-thread OpenBLAS, which streams the
+weights at one core's memory speed (faster than MKL on two threads here)."""
 
 
 class FastLinear(nn.Module):
@@ -112,7 +108,13 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.weight_t
-        if USE_NUMPY_BLAS and x.dtype == wt.dtype == torch.float32 and x.is_cpu and wt.is_cpu:
+        if (
+            USE_NUMPY_BLAS
+            and x.dtype == wt.dtype == torch.float32
+            and x.is_cpu
+            and wt.is_cpu
+            and (x.numel() <= NUMPY_MAX_ROWS * self.in_features or torch.get_num_threads() == 1)
+        ):
             # numpy's OpenBLAS (module docstring) on views of the same storage; numpy
             # allocates the result, torch takes it over without a copy (~2 us per call less
             # than allocating it through torch: 7 calls per layer per token).

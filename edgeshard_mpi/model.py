@@ -18,7 +18,7 @@ from torch import nn
 from transformers import StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from . import hf, kernels
+from . import hf
 from .families import FAMILIES
 from .presets import ModelSpec
 from .weights import DTYPES
@@ -268,7 +268,6 @@ class Stage(nn.Module):
     ) -> torch.Tensor:
         """`start`: the first position, when every row of the batch starts there and the
         cache is static (as in the runtime); it enables reuse of masks and rotary tables."""
-        kernels.sync_threads()
         if self.has_embed:
             h = self.embed_tokens(x)  # h: [B, S, H]
             if self.family.embed_multiplier:

@@ -8,9 +8,9 @@ environment through a .pth file, to avoid a second 700 MB torch). Everything bui
 under the cache folder (default ~/.cache/edgeshard-llamacpp), never in the checkout.
 
 Measured in one run, interleaved round by round (medians of the rounds), 1 thread per
-process (`--threads 2`: 2 each, both tools), on a random Llama of hidden 512, 8 layers, vocab 32000 (58M parameters, 232 MB
-fp32; saved as a Hugging Face checkpoint so that both tools read the same weights) and on
-the trained stories260K:
+process (`--threads 2`: 2 each, both tools), on a random Llama of hidden 512, 8 layers,
+vocab 32000 (58M parameters, 232 MB fp32; saved as a Hugging Face checkpoint so that both
+tools read the same weights) and on the trained stories260K:
 - llama.cpp: 1 process; main + 1 and main + 3 RPC servers (-ngl 99: the layers are spread
   over the servers), `llama-bench` tg (decode) and pp (prompt) speed;
 - this project: 1, 2 and 4 ranks (even partition), decode ms/token from the token times
