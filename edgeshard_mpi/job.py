@@ -10,13 +10,14 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from . import bounds
+from . import bounds, cecollm_job
 from .fields import JobError, Section, expand_path, parse_bytes
 from .jobcfg import (
     ORDERS,
     PROFILE_STRATEGIES,
     STRATEGIES_FIXED,
     STRATEGIES_PLANNED,
+    STRATEGY_CECOLLM,
     ClusterCfg,
     DeviceCfg,
     EvalCfg,
@@ -96,7 +97,9 @@ def _workload(sec: Section, base: Path) -> WorkloadCfg:
 
 
 def _partition(sec: Section, pipelined: bool) -> PartitionCfg:
-    strategy = sec.choice("strategy", STRATEGIES_FIXED + STRATEGIES_PLANNED, "even")
+    strategy = sec.choice(
+        "strategy", (*STRATEGIES_FIXED, *STRATEGIES_PLANNED, STRATEGY_CECOLLM), "even"
+    )
     stages_raw = sec.get("stages", list, [])
     ranks = sec.get("ranks", list, None)
     # Pipelined inference is judged by throughput, sequential by latency (the paper's pair).
@@ -340,6 +343,7 @@ def _parse(data: dict, path: Path, text: str) -> Job:
             "pipeline",
             "transport",
             "eval",
+            "ce_collm",
         )
     }
     top.finish()
@@ -363,6 +367,12 @@ def _parse(data: dict, path: Path, text: str) -> Job:
         cluster=_cluster(Section(sections["cluster"], "cluster"), base),
         transport=_transport(Section(sections["transport"], "transport")),
         eval=_eval(Section(sections["eval"], "eval"), base, workload),
+        ce_collm=cecollm_job.parse(
+            Section(sections["ce_collm"], "ce_collm"),
+            partition.strategy,
+            pipeline.pipelined,
+            workload.batch_size,
+        ),
     )
 
 

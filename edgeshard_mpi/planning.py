@@ -82,7 +82,9 @@ def needs_profile(job: Job) -> bool:
     """A planned strategy, or a pipeline whose micro-batches the planner chooses."""
     pc = job.pipeline
     auto = pc.pipelined and (pc.micro_batches is None or pc.micro_batch_size is None)
-    return job.partition.planned or auto
+    from .cecollm import needs_profile as ce_collm_split_auto
+
+    return job.partition.planned or auto or ce_collm_split_auto(job)
 
 
 def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
@@ -156,6 +158,10 @@ def plan_step(job: Job, spec, devices, prof, tp, log: Log):
     from .planner.problem import Infeasible, PlannerLimit, make_problem
 
     part, pc, wl = job.partition, job.pipeline, job.workload
+    if part.strategy == "ce-collm":  # early exit at the edge: its own plan (cecollm.py)
+        from .cecollm import plan_step as ce_collm_plan_step
+
+        return ce_collm_plan_step(job, spec, devices, prof, tp)
     result, err = None, None
     if tp.rank == 0:
         try:
