@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import watchdog
+from . import cecollm_eval, watchdog
 from .job import JobError
 from .wire import Codec
 
@@ -130,7 +130,10 @@ def _generate(job, spec, prompts, plan, stages, device, tp, dec, wire: str):
     b = dec.micro_batch_size
     groups = wl.prompts // b
     feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
-    runtime = Runtime(
+    kind = Runtime
+    if job.partition.strategy == "ce-collm":  # "exact": the same split, never exiting
+        kind, wire = cecollm_eval.generating_runtime(job, wire)
+    runtime = kind(
         tp,
         [st.rank for st in plan.stages],
         stages,
@@ -269,12 +272,21 @@ def eval_job(job_path: str) -> int:
         watchdog.phase("load")
         stages, _ = load_stages(job, spec, plan, device, tp)
         watchdog.phase("infer")
-        wires = ["exact"] if job.transport.wire == "exact" else ["exact", job.transport.wire]
+        ce = job.partition.strategy == "ce-collm"  # early exits are lossy too
+        mine = "ce-collm" if ce else job.transport.wire
+        wires = ["exact"] if mine == "exact" else ["exact", mine]
+        head = cecollm_eval.exit_head(job, spec, device, tp) if ce else None
         nll, seconds, sent = {}, {}, {}
         for w in wires:
             tp.quiet_barrier()
             t0, b0 = time.perf_counter(), tp.bytes_sent
-            nll[w] = perplexity(plan.stages, stages, ids, wins, Codec(w), tp, spec, window, log)
+            if w == "ce-collm":
+                codec = Codec(job.transport.wire)
+                nll[w] = cecollm_eval.perplexity(
+                    plan, stages, ids, wins, codec, tp, spec, window, job, log, head
+                )
+            else:
+                nll[w] = perplexity(plan.stages, stages, ids, wins, Codec(w), tp, spec, window, log)
             seconds[w] = time.perf_counter() - t0
             sent[w] = tp.gather(tp.bytes_sent - b0)
         gen = {}
@@ -314,9 +326,13 @@ def eval_job(job_path: str) -> int:
         "windows": (wins, "tokens", "begin, end, scored tokens of each window"),
     }
     for w in wires:
-        total, count = nll[w].sum(axis=0)
+        total, count = nll[w].sum(axis=0)[:2]
         ppl = math.exp(total / count)
-        key = "" if w == job.transport.wire else "_exact"
+        key = "" if w == mine else "_exact"
+        if w == "ce-collm":  # third column: tokens scored by the exit head
+            attrs["exit_rate"] = float(nll[w][:, 2].sum() / count)
+            attrs["threshold"] = job.ce_collm.threshold
+            attrs["standalone"] = job.ce_collm.standalone
         attrs[f"perplexity{key}"] = ppl
         attrs[f"nll_per_token{key}"] = total / count
         attrs[f"tokens_scored{key}"] = int(count)
@@ -329,7 +345,7 @@ def eval_job(job_path: str) -> int:
             f"{seconds[w]:.2f} s"
         )
     if gen:
-        agree = agreement(gen["exact"], gen[job.transport.wire])
+        agree = agreement(gen["exact"], gen[mine])
         attrs |= agree
         data["prompt_ids"] = (prompts.ids, "token ids", "the prompts generated from")
         for w, toks in gen.items():

@@ -209,3 +209,20 @@ def test_cloud_cache_equals_the_unsplit_models(shared_data, write_job, tmp_path)
         np.testing.assert_allclose(cloud["keys"][k], ref_k, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(cloud["values"][k], ref_v, rtol=1e-4, atol=1e-5)
     assert list(cloud["layers"]) == [2, 3, 4]  # decoder layers 2..4 = units 3..5
+
+
+@pytest.mark.mpi
+def test_eval_prices_early_exit(shared_data, write_job, tmp_path):
+    """`eval` of a ce-collm job: a threshold no token reaches gives the exact perplexity and
+    tokens; standalone scores every token with the exit head."""
+    evals = {"window": 64, "stride": 32, "max_windows": 2}
+    never = ce_job(shared_data, tmp_path, "ev-never", {"threshold": 2.0}) | {"eval": evals}
+    solo = ce_job(shared_data, tmp_path, "ev-solo", {"standalone": True}) | {"eval": evals}
+    jobs = [write_job(never, "ev-never.toml"), write_job(solo, "ev-solo.toml")]
+    run_2([str(ROOT / "tests" / "mpi_evals.py"), *map(str, jobs)])
+    with h5py.File(tmp_path / "ev-never.h5") as a, h5py.File(tmp_path / "ev-solo.h5") as b:
+        assert a.attrs["exit_rate"] == 0 and b.attrs["exit_rate"] == 1
+        assert a.attrs["perplexity"] == pytest.approx(a.attrs["perplexity_exact"], rel=1e-12)
+        assert a.attrs["token_agreement"] == 1.0
+        assert b.attrs["perplexity_exact"] == a.attrs["perplexity_exact"]
+        assert b.attrs["perplexity"] != b.attrs["perplexity_exact"]
