@@ -215,6 +215,7 @@ class EarlyExitRuntime:
         res.compute_s = edge_s
         res.stage_compute_s = {0: edge_s}
         res.cecollm = {
+            "generated": res.tokens[:, 0] >= 0,
             "exited": exited,
             "confidence": confidence,
             "pending_sent": pending_sent,
@@ -277,10 +278,13 @@ def cache_length(cache) -> int:
     return 0
 
 
-def summary(results, cloud: int) -> dict:
-    """The run's CE-CoLLM figures (rank 0 writes them: metrics.py, group `ce_collm`)."""
-    edge, far = results[0].cecollm, results[cloud].cecollm
-    generated = results[0].tokens.reshape(len(edge["exited"]), -1) >= 0
+def summary(results, cloud: int) -> dict | None:
+    """The run's CE-CoLLM figures (rank 0 writes them: metrics.py, group `ce_collm`). A
+    resumed run's figures cover the prompts run by this process only; None if it ran none."""
+    edge, far = getattr(results[0], "cecollm", None), getattr(results[cloud], "cecollm", None)
+    if edge is None or far is None:
+        return None
+    generated = edge["generated"]
     exits = int((edge["exited"] & generated).sum())
     n = int(generated.sum())
     return {
@@ -317,7 +321,9 @@ def write_group(f, rec: dict) -> None:
         ds.attrs["units"], ds.attrs["description"] = units, doc
 
 
-def log_summary(log, rec: dict) -> None:
+def log_summary(log, rec: dict | None) -> None:
+    if rec is None:
+        return
     log.info(
         f"ce-collm: {rec['exited_tokens']}/{rec['tokens']} tokens exited at the edge "
         f"({rec['exit_rate']:.1%}), {rec['cloud_calls']} cloud calls, "
