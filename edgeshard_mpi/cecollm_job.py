@@ -100,6 +100,11 @@ def check_context(job, world_size: int, spec) -> None:
             "partition.strategy = 'ce-collm' needs cluster.cloud (the rank of the cloud "
             "server) or a cluster.testbed that names one"
         )
+    if job.transport.wire == "auto":
+        raise JobError(
+            "transport.wire = 'auto' chooses a codec per link of an EdgeShard plan; ce-collm "
+            "uploads over one link: name its codec (exact, bf16, fp16 or int8)"
+        )
     if cfg.split is not None and cfg.split > n - 1:
         raise JobError(
             f"ce_collm.split = {cfg.split}: the cloud must hold at least the head (unit "

@@ -56,9 +56,15 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor, scored: int) -> tuple[fl
     return float(nll), length - first
 
 
-def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: int, log):
-    """Run every window through the chain; rank 0 returns [W, 2] (nll sum, tokens)."""
+def perplexity(stages_plan, stages, ids, wins, codec, tp, spec, window: int, log):
+    """Run every window through the chain; rank 0 returns [W, 2] (nll sum, tokens).
+    `codec`: one Codec for every hop, or (wire = "auto") a list of wire names per hop."""
     me, last = tp.rank, len(stages_plan) - 1
+    if isinstance(codec, Codec):
+        codecs = [codec] * len(stages_plan)  # [i]: the hop into stage i
+        name = codec.wire
+    else:
+        codecs, name = [Codec("exact"), *(Codec(w) for w in codec)], "auto"
     ranks = [st.rank for st in stages_plan]
     caches = {i: st.new_cache(1, window) for i, st in stages.items()}
     for st in stages.values():
@@ -80,10 +86,10 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
                 elif ranks[i - 1] == me:
                     x = local
                 else:
-                    n = codec.nbytes(length, spec.hidden_size, stage.dtype)
+                    n = codecs[i].nbytes(length, spec.hidden_size, stage.dtype)
                     buf = torch.empty(n, dtype=torch.uint8)
                     tp.sleep_wait(tp.irecv(buf, ranks[i - 1], TAG_ACT + i))
-                    h = codec.decode(buf, length, spec.hidden_size, stage.dtype)
+                    h = codecs[i].decode(buf, length, spec.hidden_size, stage.dtype)
                     x = h.view(1, length, -1).to(stage.device)
                 cache = caches[i]
                 if cache is not None:
@@ -93,7 +99,8 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
                     if ranks[i + 1] == me:  # no wire between two stages of one rank
                         local = y
                     else:
-                        tp.isend(codec.encode(y[0].cpu()), ranks[i + 1], TAG_ACT + i + 1)
+                        out_codec = codecs[i + 1]
+                        tp.isend(out_codec.encode(y[0].cpu()), ranks[i + 1], TAG_ACT + i + 1)
                     continue
                 if me == 0:
                     target = torch.from_numpy(ids[begin:end])
@@ -113,7 +120,7 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
             tp.progress()
             watchdog.beat()
             if me == 0 and (w + 1) % max(1, len(wins) // 8) == 0:
-                log.info(f"eval ({codec.wire}): {w + 1}/{len(wins)} windows")
+                log.info(f"eval ({name}): {w + 1}/{len(wins)} windows")
         tp.flush()
     finally:
         for st in stages.values():
@@ -142,7 +149,7 @@ def _generate(job, spec, prompts, plan, stages, device, tp, dec, wire: str):
         Workload(feed, b, wl.prompt_tokens, wl.new_tokens),
         device,
         record_events=False,
-        wire=wire,
+        wire=plan.info["wires"] if wire == "auto" else wire,
     )
     tp.quiet_barrier()
     res = runtime.run(time.perf_counter())
@@ -286,7 +293,8 @@ def eval_job(job_path: str) -> int:
                     plan, stages, ids, wins, codec, tp, spec, window, job, log, head
                 )
             else:
-                nll[w] = perplexity(plan.stages, stages, ids, wins, Codec(w), tp, spec, window, log)
+                codec = plan.info["wires"] if w == "auto" else Codec(w)  # auto: per hop
+                nll[w] = perplexity(plan.stages, stages, ids, wins, codec, tp, spec, window, log)
             seconds[w] = time.perf_counter() - t0
             sent[w] = tp.gather(tp.bytes_sent - b0)
         gen = {}

@@ -277,8 +277,15 @@ def _auto_float(sec: Section, key: str) -> float | None:
 
 
 def _transport(sec: Section) -> TransportCfg:
-    cfg = TransportCfg(wire=sec.choice("wire", ("exact", "bf16", "fp16", "int8"), "exact"))
+    wire = sec.choice("wire", ("exact", "bf16", "fp16", "int8", "auto"), "exact")
+    gain = sec.get("auto_min_gain", float, None)
     sec.finish()
+    if gain is not None and wire != "auto":
+        raise JobError(
+            f"transport.auto_min_gain is only read with wire = 'auto', not {wire!r}; remove it"
+        )
+    cfg = TransportCfg(wire=wire, auto_min_gain=0.05 if gain is None else gain)
+    bounds.float_in(cfg.auto_min_gain, 0.0, 1.0, "transport.auto_min_gain", "a fraction")
     return cfg
 
 

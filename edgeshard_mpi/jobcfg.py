@@ -189,7 +189,11 @@ class OutputCfg:
 @dataclass(frozen=True)
 class TransportCfg:
     wire: str = "exact"
-    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8."""
+    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8; or
+    auto: per link, the lightest codec saving auto_min_gain (planner/wire_auto.py)."""
+    auto_min_gain: float = 0.05
+    """wire = "auto": the fraction of the predicted per-token latency a codec must save on
+    a link to be used there."""
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def _infer(
             Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
             device,
             record_events=job.output.events,
-            wire=job.transport.wire,
+            wire=plan.info.get("wires", job.transport.wire),  # auto: one codec per hop
         )
         memory = runtime.memory_bytes()
         t0 = tp.sync_clock()

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -226,3 +227,68 @@ def test_eval_prices_early_exit(shared_data, write_job, tmp_path):
         assert a.attrs["token_agreement"] == 1.0
         assert b.attrs["perplexity_exact"] == a.attrs["perplexity_exact"]
         assert b.attrs["perplexity"] != b.attrs["perplexity_exact"]
+
+
+def test_wire_auto_picks_the_lightest_codec_worth_its_loss():
+    """planner/wire_auto.py: per hop, fp16 if halving saves min_gain of the per-token time,
+    else int8 if a quarter does, else exact."""
+    from edgeshard_mpi.planner.plan import Plan
+    from edgeshard_mpi.planner.plan import Stage as PStage
+    from edgeshard_mpi.planner.wire_auto import choose_wires, hop_saving_s
+
+    prob = slow_link_problem(8.0)
+    plan = Plan((PStage(0, 0, 10), PStage(1, 10, 20), PStage(1, 20, 25), PStage(3, 25, 34)))
+    ratios = {"exact": 1.0, "fp16": 0.5, "int8": 0.25}
+    assert choose_wires(plan, prob, ratios, 0.0) == ("fp16", "exact", "fp16")  # same rank
+    assert choose_wires(plan, prob, ratios, 1.0) == ("exact", "exact", "exact")
+    from edgeshard_mpi.planner.cost import evaluate
+
+    base = evaluate(plan, prob).per_token_s
+    half = hop_saving_s(prob, 10, 0, 1, 0.5) / base
+    quarter = hop_saving_s(prob, 10, 0, 1, 0.25) / base
+    assert quarter > half > 0
+    between = (half + quarter) / 2  # fp16 saves too little, int8 enough
+    assert choose_wires(plan, prob, ratios, between)[0] == "int8"
+    with pytest.raises(JobError, match=r"transport\.auto_min_gain is only read with wire"):
+        parse_job('[model]\nsource = "tiny"\n[transport]\nauto_min_gain = 0.1\n', Path("j.toml"))
+
+
+@pytest.mark.mpi
+def test_wire_auto_compresses_only_the_slow_link(write_job, tmp_path):
+    """tiny on 3 ranks, a hand-written profile: 0 -> 1 at 0.1 Mb/s, 1 -> 2 at 1 Gb/s. The
+    run compresses the first hop (fp16: the lightest that pays) and not the second."""
+    import json
+
+    times = {"embed": 1e-4, "layer": 1e-3, "head": 1e-3}
+    dev = {"prefill_s": times, "decode_s": times, "memory_budget": "1GiB"}
+    prof = {
+        "format": "edgeshard-profile", "version": 1, "model": "tiny", "dtype": "float32",
+        "prompt_tokens": 8, "new_tokens": 6, "batch_sizes": [1], "source": 0, "cloud": None,
+        "devices": [dev | {"name": f"d{i}"} for i in range(3)],
+        "links": {"default": {"latency_s": 1e-3, "bandwidth_mbps": 1000},
+                  "pairs": [{"a": 0, "b": 1, "bandwidth_mbps": 0.1}]},
+    }  # fmt: skip
+    (tmp_path / "p.json").write_text(json.dumps(prof))
+    job = write_job(
+        {
+            "model": {"source": "tiny"},
+            "workload": {"prompt_tokens": 8, "new_tokens": 6, "prompts": 2},
+            "partition": {
+                "strategy": "explicit",
+                "stages": [{"rank": r, "layers": [2 * r, 2 * r + 2]} for r in range(3)],
+            },
+            "profile": {"reuse": str(tmp_path / "p.json")},
+            "transport": {"wire": "auto"},
+            "output": {"path": str(tmp_path / "auto.h5"), "events": False},
+        }
+    )
+    env = dict(os.environ, MPIEXEC_TIMEOUT="200", PYTHONPATH=str(ROOT))
+    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-m", "edgeshard_mpi", "run"]
+    proc = subprocess.run([*cmd, str(job)], capture_output=True, text=True, timeout=230, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with h5py.File(tmp_path / "auto.h5") as f:
+        info = json.loads(f["plan"].attrs["info"])
+        sent = f["ranks/bytes_sent"][:]
+    assert info["wires"] == ["fp16", "exact"]
+    states = 2 * (8 + 6 - 1)  # hidden states crossing each hop: prompts x (P + G - 1)
+    assert sent[0] == states * 64 * 2 and sent[1] == states * 64 * 4

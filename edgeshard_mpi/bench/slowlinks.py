@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import toml_out
 from ..testbed import can_emulate_os, down, load_testbed, up
-from .common import data_dir, mpiexec_path
+from .common import data_dir, median, mpiexec_path
 
 WIRES = ("exact", "bf16", "fp16", "int8")
 THRESHOLDS = (0.9, 0.99, 0.999)
@@ -198,7 +198,9 @@ class SlowLinks:
 
     # -- the experiment ------------------------------------------------------------------
 
-    def timing(self, models, bandwidths) -> list[dict]:
+    def timing(self, models, bandwidths, repeats: int = 1) -> list[dict]:
+        """Every configuration `repeats` times, interleaved in one launch per model and
+        bandwidth; a row per configuration with the medians (ms/token, tokens/s, TTFT)."""
         rows = []
         for model in models:
             base = self.profile(model, self.variant(bandwidths[0]))
@@ -207,18 +209,21 @@ class SlowLinks:
                 prof = self.profile_at(model, base, tb, mbps)
                 folder = f"runs/{model}/{mbps:g}mbps"
                 paths = []
-                for label, part, wire, ce in configs():
-                    job = self.job(model, slug(label), tb, part, wire, ce, folder)
-                    job["profile"] = {"reuse": str(prof)}
-                    paths.append((label, self.write(job), Path(job["output"]["path"])))
+                for k in range(repeats):
+                    for label, part, wire, ce in configs():
+                        job = self.job(model, f"{slug(label)}-r{k}", tb, part, wire, ce, folder)
+                        job["profile"] = {"reuse": str(prof)}
+                        paths.append((label, self.write(job), Path(job["output"]["path"])))
                 self.use(tb)
                 t0 = time.time()
                 log = self.launch(tb, "run", [p for _, p, _ in paths])
                 print(f"  {model} at {mbps:g} Mb/s: {len(paths)} runs in {time.time() - t0:.0f} s",
                       flush=True)  # fmt: skip
                 (self.out / folder / "world.log").write_text(log)
-                for label, _, out in paths:
-                    rows.append(read_timing(model, mbps, label, out, log))
+                for label, *_ in configs():
+                    runs = [read_timing(model, mbps, lb, out, log) for lb, _, out in paths
+                            if lb == label]  # fmt: skip
+                    rows.append(medians(runs))
         self.close()
         return rows
 
@@ -271,6 +276,22 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def medians(runs: list[dict]) -> dict:
+    """One row from repeated runs of a configuration: the first run's facts, the median of
+    the timings (and their spread), or the refusal if any run was refused."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return bad[0]
+    row = dict(runs[0])
+    for key in ("ms_per_token", "tokens_per_s", "ttft_ms", "cloud_compute_s"):
+        vals = [r[key] for r in runs]
+        row[key] = median(vals)
+        row[f"{key}_all"] = vals
+    row["plans"] = sorted({r["plan"] for r in runs})
+    row["repeats"] = len(runs)
+    return row
+
+
 def job_lines(log: str, job: Path) -> list[str]:
     """The lines a world printed for one job (bench/world.py ends each with a marker)."""
     seg: list[str] = []
@@ -321,6 +342,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="stories260K,mini-7b")
     ap.add_argument("--emulation", default="auto", choices=("auto", "os", "transport"))
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (medians)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,13 +357,14 @@ def main(argv=None) -> int:
     print(f"bench-slowlinks: {models}, source-cloud {bws} Mb/s, emulation {bench.emulation}, "
           f"host load {load:.1f}", flush=True)  # fmt: skip
     try:
-        rows = bench.timing(models, bws)
+        rows = bench.timing(models, bws, a.repeats)
     finally:
         bench.close()
     qual = bench.quality(models, rows)
     from .slowlinks_report import report
 
-    meta = {"load_start": load, "load_end": os.getloadavg()[0], "emulation": bench.emulation}
+    meta = {"load_start": load, "load_end": os.getloadavg()[0], "emulation": bench.emulation,
+            "repeats": a.repeats}  # fmt: skip
     report(rows, qual, out, meta | {"seconds": time.time() - t0})
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/report.md, {out}/latency-quality.png")
     return 0

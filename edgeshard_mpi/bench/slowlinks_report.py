@@ -55,7 +55,8 @@ def report(rows: list[dict], qual: dict, out: Path, meta: dict) -> None:
         "# bench-slowlinks",
         "",
         f"Emulation: {meta['emulation']}; host load average {meta['load_start']:.1f} at the "
-        f"start, {meta['load_end']:.1f} at the end (2 cores); {meta['seconds'] / 60:.1f} min.",
+        f"start, {meta['load_end']:.1f} at the end (2 cores); {meta['seconds'] / 60:.1f} min. "
+        f"Timings: medians of {meta.get('repeats', 1)} interleaved runs per configuration.",
         "",
         "| model | Mb/s | configuration | plan | ms/token | tokens/s | bytes on wire | "
         "cloud compute ms | exit rate | perplexity | vs exact | token agreement |",
