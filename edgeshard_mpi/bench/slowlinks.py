@@ -46,8 +46,10 @@ MODELS = {
     # (its exit head after 2 layers agreed with the full model on <10% of tokens in a first
     # try); mini-7b: embedding + 8 of 32 layers (the edge box's 300 MiB holds them and the
     # head).
-    "stories260K": {"split": 5, "prompts": 2, "new_tokens": 24, "window": 256, "windows": 10},
-    "mini-7b": {"split": 9, "prompts": 2, "new_tokens": 16, "window": 128, "windows": 4},
+    "stories260K": {"split": 5, "prompts": 2, "new_tokens": 24, "window": 256, "windows": 8,
+                    "eval_prompts": 4, "eval_tokens": 32},
+    "mini-7b": {"split": 9, "prompts": 2, "new_tokens": 16, "window": 64, "windows": 2,
+                "eval_prompts": 2, "eval_tokens": 16},
 }
 
 
@@ -250,7 +252,7 @@ class SlowLinks:
                 job = self.job(model, name, None, part, wire, ce, f"eval/{model}")
                 if ce:
                     job["cluster"] = {"cloud": self.base.cloud}
-                job["workload"] |= {"prompts": 4, "new_tokens": 32}
+                job["workload"] |= {"prompts": m["eval_prompts"], "new_tokens": m["eval_tokens"]}
                 job["eval"] = {"window": m["window"], "stride": m["window"] // 2,
                                "max_windows": m["windows"]}  # fmt: skip
                 todo[(label, plan)] = Path(job["output"]["path"])
