@@ -216,18 +216,26 @@ class SlowLinks:
                 tb = self.variant(mbps)
                 prof = self.profile_at(model, base, tb, mbps)
                 folder = f"runs/{model}/{mbps:g}mbps"
-                paths = []
+                jobs = []
                 for k in range(repeats):
                     for label, part, wire, ce in configs(model):
                         job = self.job(model, f"{slug(label)}-r{k}", tb, part, wire, ce, folder)
                         job["profile"] = {"reuse": str(prof)}
-                        paths.append((label, self.write(job), Path(job["output"]["path"])))
-                self.use(tb)
-                t0 = time.time()
-                log = self.launch(tb, "run", [p for _, p, _ in paths])
-                print(f"  {model} at {mbps:g} Mb/s: {len(paths)} runs in {time.time() - t0:.0f} s",
-                      flush=True)  # fmt: skip
-                (self.out / folder / "world.log").write_text(log)
+                        jobs.append((label, job))
+                paths = [(lb, Path(j["output"]["path"]).with_suffix(".toml"),
+                          Path(j["output"]["path"])) for lb, j in jobs]  # fmt: skip
+                logfile = self.out / folder / "world.log"
+                if done_before(logfile, [out for *_, out in paths]):
+                    log = logfile.read_text()  # an earlier invocation ran them: reuse
+                else:
+                    for _, job in jobs:
+                        self.write(job)  # (removes a stale results file of that name)
+                    self.use(tb)
+                    t0 = time.time()
+                    log = self.launch(tb, "run", [p for _, p, _ in paths])
+                    print(f"  {model} at {mbps:g} Mb/s: {len(paths)} runs in "
+                          f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
+                    logfile.write_text(log)
                 for label, *_ in configs(model):
                     runs = [read_timing(model, mbps, lb, out, log) for lb, _, out in paths
                             if lb == label]  # fmt: skip
@@ -259,16 +267,16 @@ class SlowLinks:
                 if ce:
                     job["cluster"] = {"cloud": self.base.cloud}
                 job["workload"] |= {"prompts": m["eval_prompts"], "new_tokens": m["eval_tokens"]}
+                done = Path(job["output"]["path"])
+                if done.is_file():  # an earlier invocation evaluated it: reuse
+                    todo[(label, plan)] = done
+                    continue
                 job["eval"] = {"window": m["window"], "stride": m["window"] // 2,
                                "max_windows": m["windows"]}  # fmt: skip
                 todo[(label, plan)] = Path(job["output"]["path"])
                 jobs.append(self.write(job))
-            if not jobs:
-                continue
-            t0 = time.time()
-            log = self.launch(None, "eval", jobs)
-            print(f"  {model}: {len(jobs)} evals in {time.time() - t0:.0f} s", flush=True)
-            (self.out / "eval" / model / "world.log").write_text(log)
+            if jobs:
+                self._evaluate(model, jobs)
             for (label, plan), path in todo.items():
                 with h5py.File(path) as f:
                     out[(model, label, plan)] = {
@@ -278,6 +286,13 @@ class SlowLinks:
                         if k in f.attrs
                     }
         return out
+
+    def _evaluate(self, model: str, jobs: list[Path]) -> None:
+        """One launch for all of a model's evals (no testbed: quality is link-blind)."""
+        t0 = time.time()
+        log = self.launch(None, "eval", jobs)
+        print(f"  {model}: {len(jobs)} evals in {time.time() - t0:.0f} s", flush=True)
+        (self.out / "eval" / model / "world.log").write_text(log)
 
 
 def _plain(v):
@@ -300,24 +315,34 @@ def medians(runs: list[dict]) -> dict:
     return row
 
 
-def job_lines(log: str, job: Path) -> list[str]:
-    """The lines a world printed for one job (bench/world.py ends each with a marker)."""
-    seg: list[str] = []
+def done_before(logfile: Path, outs: list[Path]) -> bool:
+    """Every run of a launch has its file or its refusal in the launch's log."""
+    if not logfile.is_file():
+        return False
+    refused = refusals(logfile.read_text())
+    return all(o.is_file() or str(o.with_suffix(".toml")) in refused for o in outs)
+
+
+def refusals(log: str) -> dict[str, str]:
+    """job file -> rank 0's error line. Every rank of a world prints `[world] run JOB` after
+    each job; rank 0 prints its error before its own marker, so an error belongs to the job
+    named by the next marker after it."""
+    out, pending = {}, []
     for ln in log.splitlines():
         if ln.startswith("[world]"):
-            if str(job) in ln:
-                return seg
-            seg = []
-        else:
-            seg.append(ln)
-    return seg
+            if pending:
+                job = ln.split(" ", 2)[2].rsplit(":", 1)[0]
+                out.setdefault(job, pending[0])
+                pending = []
+        elif "[rank 0] error" in ln:
+            pending.append(ln.strip())
+    return out
 
 
 def read_timing(model: str, mbps: float, label: str, out: Path, log: str) -> dict:
     row = {"model": model, "mbps": mbps, "label": label}
     if not out.is_file():  # refused (an infeasible plan): rank 0's message says why
-        seg = job_lines(log, out.with_suffix(".toml"))
-        row["error"] = next((ln for ln in seg if "error" in ln), "no results file")
+        row["error"] = refusals(log).get(str(out.with_suffix(".toml")), "no results file")
         return row
     with h5py.File(out) as f:
         s, ranks = f["summary"].attrs, f["ranks"]
@@ -352,7 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (medians)")
     a = ap.parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # job files name it from other folders
     out.mkdir(parents=True, exist_ok=True)
     models = a.models.split(",")
     bad = [m for m in models if m not in MODELS]

@@ -44,6 +44,13 @@ def _fmt(v, digits=1):
     return f"{v:.{digits}f}"
 
 
+def _ppl(v) -> str:
+    """Perplexity; a synthetic-weight model's is astronomically large: 4 digits, e-form."""
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
+
+
 def report(rows: list[dict], qual: dict, out: Path, meta: dict) -> None:
     rows = merge(rows, qual)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -55,7 +62,8 @@ def report(rows: list[dict], qual: dict, out: Path, meta: dict) -> None:
         "# bench-slowlinks",
         "",
         f"Emulation: {meta['emulation']}; host load average {meta['load_start']:.1f} at the "
-        f"start, {meta['load_end']:.1f} at the end (2 cores); {meta['seconds'] / 60:.1f} min. "
+        f"start, {meta['load_end']:.1f} at the end (2 cores); {meta['seconds'] / 60:.1f} min "
+        "in this invocation (runs and evals of an earlier one are reused). "
         f"Timings: medians of {meta.get('repeats', 1)} interleaved runs per configuration.",
         "",
         "| model | Mb/s | configuration | plan | ms/token | tokens/s | bytes on wire | "
@@ -76,7 +84,7 @@ def report(rows: list[dict], qual: dict, out: Path, meta: dict) -> None:
             f"| {r['model']} | {r['mbps']:g} | {r['label']} | `{r['plan']}` | "
             f"{_fmt(r['ms_per_token'])} | {_fmt(r['tokens_per_s'])} | "
             f"{r['bytes_sent'] / 1e3:.1f} kB | {_fmt(r['cloud_compute_s'] * 1e3)} | "
-            f"{_fmt(r.get('exit_rate'), 2)} | {_fmt(ppl, 2)} | {rel} | "
+            f"{_fmt(r.get('exit_rate'), 2)} | {_ppl(ppl)} | {rel} | "
             f"{_fmt(agree * 100 if agree is not None else None)}% |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
