@@ -100,8 +100,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.2), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, len(models), figsize=(7.8 * len(models), 5.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for i, label in enumerate(labels):
             pts = sorted(
@@ -114,7 +114,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             mb, x, y = zip(*pts, strict=True)
             marker = "o" if label.startswith("EdgeShard") else "s" if "CE" in label else "^"
-            ax.plot(x, y, marker=marker, color=cmap(i % 10), label=label, alpha=0.85)
+            # One point per bandwidth, joined in bandwidth order (1 -> 8 Mb/s).
+            ax.plot(x, y, marker=marker, color=cmap(i % 20), label=label, alpha=0.85)
             ax.annotate(f"{mb[0]:g}", (x[0], y[0]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
             ax.annotate(f"{mb[-1]:g}", (x[-1], y[-1]), fontsize=7, xytext=(3, -9),
@@ -127,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("greedy tokens agreeing with the exact run (%)")
         ax.set_title(f"{model}: latency vs quality, source-cloud 1-8 Mb/s")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Slow links, emulated small testbed: EdgeShard wires, CE-CoLLM, baselines")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
