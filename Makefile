@@ -16,7 +16,7 @@ export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # The demo serves the trained stories260K model when the data folder has it, else a preset.
 JOB     ?= $(if $(wildcard $(EDGESHARD_DATA)/stories260K-hf/config.json),jobs/demo.toml,jobs/demo-synthetic.toml)
 
-.PHONY: install demo test lint bench-overhead bench-speed bench-planner bench-pipeline bench-steady bench bench-quick report clean
+.PHONY: install demo test lint bench-overhead bench-speed bench-planner bench-pipeline bench-steady bench-slowlinks bench bench-quick report clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-pipeline: install
 # Are the emulated devices steady? 10 profiles of the small testbed (root: OS emulation).
 bench-steady: install
 	$(BIN)/python -m edgeshard_mpi.bench.steady --out results/bench-steady
+
+# Slow links side by side (wires, CE-CoLLM, baselines) on the small testbed at 1-8 Mb/s
+# source-cloud (root: tc; else emulated inside the jobs), priced by eval. ~10-15 min.
+bench-slowlinks: install
+	$(BIN)/python -m edgeshard_mpi.bench.slowlinks --out results/bench-slowlinks
 
 # The paper's experiments on the emulated testbed (root: namespaces + tc + cgroups; else
 # emulated inside the jobs). Resumable: finished runs are skipped.

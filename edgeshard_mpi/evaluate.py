@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import watchdog
+from . import cecollm_eval, watchdog
 from .job import JobError
 from .wire import Codec
 
@@ -56,9 +56,15 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor, scored: int) -> tuple[fl
     return float(nll), length - first
 
 
-def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: int, log):
-    """Run every window through the chain; rank 0 returns [W, 2] (nll sum, tokens)."""
+def perplexity(stages_plan, stages, ids, wins, codec, tp, spec, window: int, log):
+    """Run every window through the chain; rank 0 returns [W, 2] (nll sum, tokens).
+    `codec`: one Codec for every hop, or (wire = "auto") a list of wire names per hop."""
     me, last = tp.rank, len(stages_plan) - 1
+    if isinstance(codec, Codec):
+        codecs = [codec] * len(stages_plan)  # [i]: the hop into stage i
+        name = codec.wire
+    else:
+        codecs, name = [Codec("exact"), *(Codec(w) for w in codec)], "auto"
     ranks = [st.rank for st in stages_plan]
     caches = {i: st.new_cache(1, window) for i, st in stages.items()}
     for st in stages.values():
@@ -80,10 +86,10 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
                 elif ranks[i - 1] == me:
                     x = local
                 else:
-                    n = codec.nbytes(length, spec.hidden_size, stage.dtype)
+                    n = codecs[i].nbytes(length, spec.hidden_size, stage.dtype)
                     buf = torch.empty(n, dtype=torch.uint8)
                     tp.sleep_wait(tp.irecv(buf, ranks[i - 1], TAG_ACT + i))
-                    h = codec.decode(buf, length, spec.hidden_size, stage.dtype)
+                    h = codecs[i].decode(buf, length, spec.hidden_size, stage.dtype)
                     x = h.view(1, length, -1).to(stage.device)
                 cache = caches[i]
                 if cache is not None:
@@ -93,7 +99,8 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
                     if ranks[i + 1] == me:  # no wire between two stages of one rank
                         local = y
                     else:
-                        tp.isend(codec.encode(y[0].cpu()), ranks[i + 1], TAG_ACT + i + 1)
+                        out_codec = codecs[i + 1]
+                        tp.isend(out_codec.encode(y[0].cpu()), ranks[i + 1], TAG_ACT + i + 1)
                     continue
                 if me == 0:
                     target = torch.from_numpy(ids[begin:end])
@@ -113,7 +120,7 @@ def perplexity(stages_plan, stages, ids, wins, codec: Codec, tp, spec, window: i
             tp.progress()
             watchdog.beat()
             if me == 0 and (w + 1) % max(1, len(wins) // 8) == 0:
-                log.info(f"eval ({codec.wire}): {w + 1}/{len(wins)} windows")
+                log.info(f"eval ({name}): {w + 1}/{len(wins)} windows")
         tp.flush()
     finally:
         for st in stages.values():
@@ -130,7 +137,10 @@ def _generate(job, spec, prompts, plan, stages, device, tp, dec, wire: str):
     b = dec.micro_batch_size
     groups = wl.prompts // b
     feed = prompts.ids.reshape(groups, b, wl.prompt_tokens) if tp.rank == 0 else None
-    runtime = Runtime(
+    kind = Runtime
+    if job.partition.strategy == "ce-collm":  # "exact": the same split, never exiting
+        kind, wire = cecollm_eval.generating_runtime(job, wire)
+    runtime = kind(
         tp,
         [st.rank for st in plan.stages],
         stages,
@@ -139,7 +149,7 @@ def _generate(job, spec, prompts, plan, stages, device, tp, dec, wire: str):
         Workload(feed, b, wl.prompt_tokens, wl.new_tokens),
         device,
         record_events=False,
-        wire=wire,
+        wire=plan.info["wires"] if wire == "auto" else wire,
     )
     tp.quiet_barrier()
     res = runtime.run(time.perf_counter())
@@ -269,12 +279,22 @@ def eval_job(job_path: str) -> int:
         watchdog.phase("load")
         stages, _ = load_stages(job, spec, plan, device, tp)
         watchdog.phase("infer")
-        wires = ["exact"] if job.transport.wire == "exact" else ["exact", job.transport.wire]
+        ce = job.partition.strategy == "ce-collm"  # early exits are lossy too
+        mine = "ce-collm" if ce else job.transport.wire
+        wires = ["exact"] if mine == "exact" else ["exact", mine]
+        head = cecollm_eval.exit_head(job, spec, device, tp) if ce else None
         nll, seconds, sent = {}, {}, {}
         for w in wires:
             tp.quiet_barrier()
             t0, b0 = time.perf_counter(), tp.bytes_sent
-            nll[w] = perplexity(plan.stages, stages, ids, wins, Codec(w), tp, spec, window, log)
+            if w == "ce-collm":
+                codec = Codec(job.transport.wire)
+                nll[w] = cecollm_eval.perplexity(
+                    plan, stages, ids, wins, codec, tp, spec, window, job, log, head
+                )
+            else:
+                codec = plan.info["wires"] if w == "auto" else Codec(w)  # auto: per hop
+                nll[w] = perplexity(plan.stages, stages, ids, wins, codec, tp, spec, window, log)
             seconds[w] = time.perf_counter() - t0
             sent[w] = tp.gather(tp.bytes_sent - b0)
         gen = {}
@@ -314,9 +334,13 @@ def eval_job(job_path: str) -> int:
         "windows": (wins, "tokens", "begin, end, scored tokens of each window"),
     }
     for w in wires:
-        total, count = nll[w].sum(axis=0)
+        total, count = nll[w].sum(axis=0)[:2]
         ppl = math.exp(total / count)
-        key = "" if w == job.transport.wire else "_exact"
+        key = "" if w == mine else "_exact"
+        if w == "ce-collm":  # third column: tokens scored by the exit head
+            attrs["exit_rate"] = float(nll[w][:, 2].sum() / count)
+            attrs["threshold"] = job.ce_collm.threshold
+            attrs["standalone"] = job.ce_collm.standalone
         attrs[f"perplexity{key}"] = ppl
         attrs[f"nll_per_token{key}"] = total / count
         attrs[f"tokens_scored{key}"] = int(count)
@@ -329,7 +353,7 @@ def eval_job(job_path: str) -> int:
             f"{seconds[w]:.2f} s"
         )
     if gen:
-        agree = agreement(gen["exact"], gen[job.transport.wire])
+        agree = agreement(gen["exact"], gen[mine])
         attrs |= agree
         data["prompt_ids"] = (prompts.ids, "token ids", "the prompts generated from")
         for w, toks in gen.items():

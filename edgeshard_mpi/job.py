@@ -10,13 +10,14 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from . import bounds
+from . import bounds, cecollm_job
 from .fields import JobError, Section, expand_path, parse_bytes
 from .jobcfg import (
     ORDERS,
     PROFILE_STRATEGIES,
     STRATEGIES_FIXED,
     STRATEGIES_PLANNED,
+    STRATEGY_CECOLLM,
     ClusterCfg,
     DeviceCfg,
     EvalCfg,
@@ -96,7 +97,9 @@ def _workload(sec: Section, base: Path) -> WorkloadCfg:
 
 
 def _partition(sec: Section, pipelined: bool) -> PartitionCfg:
-    strategy = sec.choice("strategy", STRATEGIES_FIXED + STRATEGIES_PLANNED, "even")
+    strategy = sec.choice(
+        "strategy", (*STRATEGIES_FIXED, *STRATEGIES_PLANNED, STRATEGY_CECOLLM), "even"
+    )
     stages_raw = sec.get("stages", list, [])
     ranks = sec.get("ranks", list, None)
     # Pipelined inference is judged by throughput, sequential by latency (the paper's pair).
@@ -274,8 +277,15 @@ def _auto_float(sec: Section, key: str) -> float | None:
 
 
 def _transport(sec: Section) -> TransportCfg:
-    cfg = TransportCfg(wire=sec.choice("wire", ("exact", "bf16", "fp16", "int8"), "exact"))
+    wire = sec.choice("wire", ("exact", "bf16", "fp16", "int8", "auto"), "exact")
+    gain = sec.get("auto_min_gain", float, None)
     sec.finish()
+    if gain is not None and wire != "auto":
+        raise JobError(
+            f"transport.auto_min_gain is only read with wire = 'auto', not {wire!r}; remove it"
+        )
+    cfg = TransportCfg(wire=wire, auto_min_gain=0.05 if gain is None else gain)
+    bounds.float_in(cfg.auto_min_gain, 0.0, 1.0, "transport.auto_min_gain", "a fraction")
     return cfg
 
 
@@ -340,6 +350,7 @@ def _parse(data: dict, path: Path, text: str) -> Job:
             "pipeline",
             "transport",
             "eval",
+            "ce_collm",
         )
     }
     top.finish()
@@ -363,6 +374,12 @@ def _parse(data: dict, path: Path, text: str) -> Job:
         cluster=_cluster(Section(sections["cluster"], "cluster"), base),
         transport=_transport(Section(sections["transport"], "transport")),
         eval=_eval(Section(sections["eval"], "eval"), base, workload),
+        ce_collm=cecollm_job.parse(
+            Section(sections["ce_collm"], "ce_collm"),
+            partition.strategy,
+            pipeline.pipelined,
+            workload.batch_size,
+        ),
     )
 
 

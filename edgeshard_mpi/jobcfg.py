@@ -7,10 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cecollm_job import CeCollmCfg
 from .fields import JobError
 from .presets import ModelSpec
 
 STRATEGIES_FIXED = ("explicit", "even")
+STRATEGY_CECOLLM = "ce-collm"
+"""Early exit at the edge, the rest in the cloud (cecollm.py; its fields: cecollm_job.py)."""
 STRATEGIES_PLANNED = (
     "edgeshard",
     "edgeshard-even",
@@ -75,7 +78,8 @@ class StageCfg:
 class PartitionCfg:
     strategy: str = "even"
     """explicit (the `stages` list), even (equal layer counts over `ranks`), or a planned
-    strategy: edgeshard, edgeshard-even, edge-solo, cloud-edge-even, cloud-edge-opt."""
+    strategy: edgeshard, edgeshard-even, edge-solo, cloud-edge-even, cloud-edge-opt; or
+    ce-collm (early exit at the edge, [ce_collm])."""
     stages: tuple[StageCfg, ...] = ()
     ranks: tuple[int, ...] | None = None
     """Ranks used by 'even' (default: every rank), in chain order, starting with 0."""
@@ -185,7 +189,11 @@ class OutputCfg:
 @dataclass(frozen=True)
 class TransportCfg:
     wire: str = "exact"
-    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8."""
+    """How activations cross a link between stages (wire.py): exact, bf16, fp16 or int8; or
+    auto: per link, the lightest codec saving auto_min_gain (planner/wire_auto.py)."""
+    auto_min_gain: float = 0.05
+    """wire = "auto": the fraction of the predicted per-token latency a codec must save on
+    a link to be used there."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,7 @@ class Job:
     pipeline: PipelineCfg = field(default_factory=PipelineCfg)
     transport: TransportCfg = field(default_factory=TransportCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    ce_collm: CeCollmCfg = field(default_factory=CeCollmCfg)
 
     def profile_batch_sizes(self) -> tuple[int, ...]:
         if self.profile.batch_sizes:
@@ -266,6 +275,9 @@ class Job:
                 f"partition.strategy = {part.strategy!r} needs cluster.cloud (the "
                 "rank of the cloud server)"
             )
+        from .cecollm_job import check_context as check_ce_collm
+
+        check_ce_collm(self, world_size, spec)
         if part.strategy == "explicit":
             check_stages(part.stages, spec.n_units, world_size)
         elif part.strategy == "even":

@@ -119,6 +119,10 @@ def _write_groups(f: h5py.File, run: dict) -> None:
         _write_profile(f, run["profile"])
 
     _table(f, "devices", run["devices"], "one row per rank: host, budget (bytes), threads")
+    if run.get("ce_collm"):  # partition.strategy = "ce-collm" (cecollm.py)
+        from .cecollm import write_group
+
+        write_group(f, run["ce_collm"])
 
     wl = f.create_group("workload")
     for k, v in run["workload"]["attrs"].items():

@@ -74,15 +74,42 @@ def _wire_profile(prof, job: Job, spec):
     from .presets import DTYPE_BYTES
 
     w = job.transport.wire
+    if w == "auto":  # plan with every hop as light as it can get; _auto_wires then chooses
+        w = "int8"
     ratio = wire.ratio(w, spec.hidden_size, DTYPE_BYTES[job.model.dtype])
     return compress_activations(prof, ratio, w)
+
+
+def _auto_wires(plan, prob, spec, job: Job) -> dict:
+    """wire = "auto": choose each hop's codec (plan.info["wires"]) and predict the plan with
+    those sizes; the plan itself was made with every hop at int8's size."""
+    from dataclasses import replace
+
+    from . import wire
+    from .planner.cost import evaluate
+    from .planner.problem import make_problem
+    from .planner.wire_auto import CANDIDATES, choose_wires, per_hop_profile, uncompressed
+    from .presets import DTYPE_BYTES
+
+    size = DTYPE_BYTES[job.model.dtype]
+    ratios = {w: wire.ratio(w, spec.hidden_size, size) for w in ("exact", *CANDIDATES)}
+    exact = replace(prob, profile=uncompressed(prob.profile))
+    exact = make_problem(exact.profile, prob.batch, prob.strategy, prob.slots)
+    wires = choose_wires(plan, exact, ratios, job.transport.auto_min_gain)
+    plan.info["wires"] = list(wires)
+    priced = make_problem(per_hop_profile(exact.profile, plan, wires, ratios), prob.batch,
+                          prob.strategy, prob.slots)  # fmt: skip
+    return evaluate(plan, priced).to_dict()
 
 
 def needs_profile(job: Job) -> bool:
     """A planned strategy, or a pipeline whose micro-batches the planner chooses."""
     pc = job.pipeline
     auto = pc.pipelined and (pc.micro_batches is None or pc.micro_batch_size is None)
-    return job.partition.planned or auto
+    from .cecollm import needs_profile as ce_collm_split_auto
+
+    wire_auto = job.transport.wire == "auto"  # link speeds decide each hop's codec
+    return job.partition.planned or auto or ce_collm_split_auto(job) or wire_auto
 
 
 def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
@@ -156,6 +183,10 @@ def plan_step(job: Job, spec, devices, prof, tp, log: Log):
     from .planner.problem import Infeasible, PlannerLimit, make_problem
 
     part, pc, wl = job.partition, job.pipeline, job.workload
+    if part.strategy == "ce-collm":  # early exit at the edge: its own plan (cecollm.py)
+        from .cecollm import plan_step as ce_collm_plan_step
+
+        return ce_collm_plan_step(job, spec, devices, prof, tp)
     result, err = None, None
     if tp.rank == 0:
         try:
@@ -196,6 +227,8 @@ def plan_step(job: Job, spec, devices, prof, tp, log: Log):
             if job.runtime.check_memory:
                 _check_memory(plan, spec, job, devices, b, slots or 1)
             predicted = evaluate(plan, prob).to_dict() if prob is not None else None
+            if job.transport.wire == "auto":  # a codec per link (planner/wire_auto.py)
+                predicted = _auto_wires(plan, prob, spec, job)
             others = {}
             if prob is not None and part.planned:
                 for name, alt in baselines.plan_all(prob, part.objective, part.algorithm).items():

@@ -108,7 +108,14 @@ def _infer(
             )
 
     if todo:
-        runtime = Runtime(
+        kind = Runtime
+        if job.partition.strategy == "ce-collm":  # early exit at the edge (cecollm.py)
+            from functools import partial
+
+            from .cecollm import EarlyExitRuntime
+
+            kind = partial(EarlyExitRuntime, job)
+        runtime = kind(
             tp,
             [st.rank for st in plan.stages],
             stages,
@@ -117,7 +124,7 @@ def _infer(
             Workload(feed, b, wl.prompt_tokens, wl.new_tokens, wl.stop_at_eos, eos),
             device,
             record_events=job.output.events,
-            wire=job.transport.wire,
+            wire=plan.info.get("wires", job.transport.wire),  # auto: one codec per hop
         )
         memory = runtime.memory_bytes()
         t0 = tp.sync_clock()
@@ -269,6 +276,11 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
     )
     record["attrs"]["emulation"] = emulation
     record["attrs"]["wire"] = job.transport.wire  # activations between ranks (wire.py)
+    if job.partition.strategy == "ce-collm":  # exit rate, bytes uploaded, cloud time
+        from . import cecollm
+
+        record["ce_collm"] = cecollm.summary(results, plan.stages[-1].rank)
+        cecollm.log_summary(log, record["ce_collm"])
     if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
         record["attrs"]["resumed_groups"] = list(src.resumed_groups)
     if tb is not None:

@@ -82,7 +82,10 @@ class Runtime:
         self.stage_ranks, self.n_stages = list(stage_ranks), len(stage_ranks)
         self.stages, self.shape, self.wl = stages, shape, workload
         self.device, self.record = device, record_events
-        self.codec = Codec(wire)  # activations between ranks (wire.py); exact: untouched
+        # Activations between ranks (wire.py; exact: untouched): one codec for every hop,
+        # or (wire = "auto") one per hop, the codec of the hop into stage s at [s - 1].
+        hops = [wire] * (self.n_stages - 1) if isinstance(wire, str) else list(wire)
+        self.codecs = [Codec("exact"), *(Codec(w) for w in hops)]  # [s]: into stage s
         self.actions = sch.build(stage_ranks, shape, order).get(self.rank, [])
         self.b, self.P = workload.micro_batch, workload.prompt_tokens
         context = workload.prompt_tokens + workload.new_tokens
@@ -99,10 +102,10 @@ class Runtime:
             for j in range(shape.active_slots):
                 if s == 0:
                     self.bufs[(s, j)] = torch.zeros(self.b, dtype=torch.int64)
-                elif self.codec.exact:
+                elif self.codecs[s].exact:
                     self.bufs[(s, j)] = torch.zeros(self.b * self.P * hidden, dtype=dtype)
                 else:  # an encoded message: bytes
-                    n = self.codec.nbytes(self.b * self.P, hidden, dtype)
+                    n = self.codecs[s].nbytes(self.b * self.P, hidden, dtype)
                     self.bufs[(s, j)] = torch.zeros(n, dtype=torch.uint8)
         self.positions = [
             position_ids(self.b, self.P, k).to(device) for k in range(workload.new_tokens)
@@ -247,7 +250,7 @@ class Runtime:
             if x.dim() == 1 and a.stage > 0:  # a flat receive buffer (a local one is shaped)
                 seq, hidden = (self.P if step == 0 else 1), stage.spec.hidden_size
                 if x.dtype == torch.uint8:  # encoded by a lossy wire
-                    x = self.codec.decode(x, self.b * seq, hidden, stage.dtype)
+                    x = self.codecs[a.stage].decode(x, self.b * seq, hidden, stage.dtype)
                 x = x.reshape(-1)[: self.b * seq * hidden].view(self.b, seq, -1)
         cache = self.caches[key]
         if step == 0 and cache is not None:
@@ -270,7 +273,7 @@ class Runtime:
         tag = sch.channel(a, self.n_stages, self.shape.slots)
         if payload is None:
             self.tp.send_stop(dest, tag)
-        elif a.stage < self.n_stages - 1 and not self.codec.exact:
-            self.tp.isend(self.codec.encode(payload), dest, tag)  # never the token ids
+        elif a.stage < self.n_stages - 1 and not self.codecs[a.stage + 1].exact:
+            self.tp.isend(self.codecs[a.stage + 1].encode(payload), dest, tag)  # never tokens
         else:
             self.tp.isend(payload, dest, tag)
