@@ -107,6 +107,7 @@ def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
         log.info,
         cold=cfg.cold_cache,
         kernels=job.runtime.kernels,
+        method=cfg.method,
     )
 
 
