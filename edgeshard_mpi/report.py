@@ -46,6 +46,9 @@ COLUMNS = [
     "tokens_per_s",
     "predicted_ms_per_token",
     "predicted_tokens_per_s",
+    "src_cloud_mbps",
+    "source_kind",
+    "load_avg",
     "status",
 ]
 
@@ -79,8 +82,31 @@ def _row_from_h5(path: Path) -> dict:
             if pipelined
             else plan.get("@predicted_tokens_per_s", np.nan)
         ),
+        **_testbed_cols(tb),
+        "load_avg": _load(path),
         "status": "ok",
     }
+
+
+def _testbed_cols(tb: dict) -> dict:
+    """The source-cloud bandwidth (Mb/s, as configured) and the source's device kind."""
+    try:
+        s, c = int(tb["source"]), int(tb["cloud"])
+        mbps = float(np.asarray(tb["bandwidth_bytes_per_s"], dtype=float)[s, c]) * 8 / 1e6
+        dev = tb["devices"][s]
+        kind = json.loads(dev) if isinstance(dev, str | bytes) else dev
+        return {"src_cloud_mbps": mbps, "source_kind": kind.get("kind", "")}
+    except (KeyError, TypeError, ValueError, IndexError):
+        return {"src_cloud_mbps": np.nan, "source_kind": ""}
+
+
+def _load(path: Path) -> float:
+    """The host's 1-minute load average when the run ended (the bench writes it beside)."""
+    side = path.with_suffix(".load.json")
+    try:
+        return float(json.loads(side.read_text())["load_avg_1m"])
+    except (OSError, ValueError, KeyError):
+        return np.nan
 
 
 def _row_from_marker(path: Path) -> dict:

@@ -254,6 +254,9 @@ class Bench:
               end=" ", flush=True)  # fmt: skip
         proc = self.launch(tb, jpath)
         took = time.time() - t0
+        # The host's load when the run ended: the report states it beside each figure.
+        out.with_suffix(".load.json").write_text(json.dumps(
+            {"load_avg_1m": os.getloadavg()[0], "seconds": took}))  # fmt: skip
         if proc.returncode == 0:
             line = [x for x in proc.stdout.splitlines() if "ms/token" in x and "prompts x" in x]
             print(f"{took:.0f} s: {line[-1].split(': ', 1)[-1] if line else 'done'}", flush=True)
