@@ -257,7 +257,7 @@ def sweep(rows) -> list[str]:
                 thr = next((r for r in pts if r["src_cloud_mbps"] == b and method(r) == m
                             and r["objective"] == "throughput"), None)  # fmt: skip
                 if lat or thr:
-                    body.append([model, b, m,
+                    body.append([model, f"{b:.3g}", m,
                                  lat["latency_ms_per_token"] if lat else None,
                                  thr["tokens_per_s"] if thr else None,
                                  lat["plan"][:50] if lat else ""])  # fmt: skip
