@@ -292,6 +292,7 @@ class Bench:
         row = rep["plans"][0]
         if row["feasible"]:
             return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"run": name, "model": model, "infeasible": row["error"],
                                       "partition": partition}))  # fmt: skip
         print(f"  [{self.seen}/{self.total}] {name}: infeasible (planner, offline): "
