@@ -213,9 +213,9 @@ def orders_figure(plt, rows, out: Path) -> list[str]:
     methods = ("cloud-edge-even", "cloud-edge-opt", "edgeshard")
     for i, (ax, model) in enumerate(zip(axes, models, strict=True)):
         series = {
-            "EdgeShard-Bubbles": [
+            "bubbles order": [
                 _value(bub, "tokens_per_s", model=model, strategy=m) for m in methods],
-            "EdgeShard-No-Bubbles": [
+            "no-bubbles order": [
                 _value(t4, "tokens_per_s", model=model, strategy=m, objective="throughput")
                 for m in methods],
         }  # fmt: skip
