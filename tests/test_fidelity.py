@@ -3,7 +3,7 @@ a few tokens: profile, plan, run, and hold measured / predicted ms per token to 
 
 The band is what this shared 2-core host holds every time (README, "Prediction fidelity"):
 units are profiled in sequence passes (seqprofile.py), as the run calls them; under the
-other sessions' load (average 5-25) the ratio read 0.78-0.97 over 7 runs."""
+other sessions' load (average 4-25) the ratio read 0.78-1.03 over 9 runs."""
 
 from __future__ import annotations
 
