@@ -61,10 +61,13 @@ bench-slowlinks: install
 	$(BIN)/python -m edgeshard_mpi.bench.slowlinks --out results/bench-slowlinks
 
 # The paper's experiments on the emulated testbed (root: namespaces + tc + cgroups; else
-# emulated inside the jobs). Resumable: finished runs are skipped.
+# emulated inside the jobs). Resumable: finished runs are skipped. A reduced run, e.g.:
+#   make bench BENCH_ARGS="--models mini-7b --bandwidths 0.081,4.03" BENCH_OUT=results/bench-7b
+BENCH_ARGS ?=
+BENCH_OUT  ?= results/bench
 bench: install
-	$(BIN)/python -m edgeshard_mpi.bench.paper --out results/bench
-	$(BIN)/python -m edgeshard_mpi report results/bench --out results/bench/report
+	$(BIN)/python -m edgeshard_mpi.bench.paper --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/python -m edgeshard_mpi report $(BENCH_OUT) --out $(BENCH_OUT)/report
 
 bench-quick: install
 	$(BIN)/python -m edgeshard_mpi.bench.paper --quick --out results/bench-quick

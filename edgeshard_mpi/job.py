@@ -14,6 +14,7 @@ from . import bounds, cecollm_job
 from .fields import JobError, Section, expand_path, parse_bytes
 from .jobcfg import (
     ORDERS,
+    PROFILE_METHODS,
     PROFILE_STRATEGIES,
     STRATEGIES_FIXED,
     STRATEGIES_PLANNED,
@@ -169,6 +170,7 @@ def _profile(sec: Section, base: Path) -> ProfileCfg:
         sample_layers=sec.positive("sample_layers", 0, zero_ok=True),
         link_repeats=sec.positive("link_repeats", 3),
         cold_cache=sec.get("cold_cache", bool, True),
+        method=sec.choice("method", PROFILE_METHODS, "sequence"),
         batch_sizes=tuple(sec.get("batch_sizes", list, [])),
     )
     sec.finish()

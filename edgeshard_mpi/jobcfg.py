@@ -24,6 +24,7 @@ STRATEGIES_PLANNED = (
 
 
 PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
+PROFILE_METHODS = ("sequence", "units")
 ORDERS = ("no-bubbles", "bubbles")
 
 
@@ -109,6 +110,9 @@ class ProfileCfg:
     link_repeats: int = 3
     cold_cache: bool = True
     """Flush CPU caches before each timing (a stage's weights are cold in a real run)."""
+    method: str = "sequence"
+    """sequence: time the units inside whole generations of one stage, as the run calls
+    them (seqprofile.py); units: each unit alone, at one decode step."""
     batch_sizes: tuple[int, ...] = ()
     """Batch sizes to time units at; default: the micro-batch size, or, when the planner
     chooses it (pipeline.micro_batch_size = "auto"), 1, 2, 4, 8, 16 up to the prompts."""

@@ -134,6 +134,7 @@ def _measure(job: Job, spec, devices, device, tp, log: Log, cfg, wl):
         log.info,
         cold=cfg.cold_cache,
         kernels=job.runtime.kernels,
+        method=cfg.method,
     )
 
 
@@ -176,6 +177,8 @@ def check_profile(prof, spec, job: Job, world: int) -> None:
 def plan_step(job: Job, spec, devices, prof, tp, log: Log):
     """Step 4 (plan): rank 0 decides the plan (and, pipelined, the micro-batch size and how
     many are in flight) and predicts; every rank receives the decision."""
+    from . import emulation
+    from .concurrency import share_cores
     from .planner import baselines
     from .planner.cost import evaluate
     from .planner.pipeline import candidate_plans, choose, predict
@@ -218,6 +221,7 @@ def plan_step(job: Job, spec, devices, prof, tp, log: Log):
                 plan, prob = choice.plan, choice.problem
                 b, slots = choice.micro_batch_size, choice.micro_batches
                 full = predict(plan, prob, wl.prompts // b, slots, pc.order)
+                full = share_cores(full, plan, prob, devices, emulation.MODE != "none")
                 pipe = {"prediction": full.to_dict(), "candidates": choice.candidates}
             else:
                 prob = make_problem(prof, b, job.profile.strategy)

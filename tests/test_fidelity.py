@@ -2,7 +2,8 @@
 a few tokens: profile, plan, run, and hold measured / predicted ms per token to a band.
 
 The band is what this shared 2-core host holds every time (README, "Prediction fidelity"):
-the profile times each unit alone and cold, the run streams the whole stage."""
+units are profiled in sequence passes (seqprofile.py), as the run calls them; under the
+other sessions' load (average 4-25) the ratio read 0.78-1.03 over 9 runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from edgeshard_mpi.metrics import read_run
 from edgeshard_mpi.testbed import can_emulate_os, down, launch_argv, load_testbed, up
 from tests.conftest import mpiexec
 
-BAND = (0.6, 1.25)
+BAND = (0.7, 1.3)
 
 TESTBED = """
 name = "fidelity"

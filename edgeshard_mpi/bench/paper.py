@@ -9,15 +9,30 @@ and resumed. Experiments:
              throughput objective) of edge-solo, cloud-edge-even, cloud-edge-opt and
              edgeshard for three model sizes; the largest fits only with edgeshard, and one
              run with the memory check off confirms that the cgroup limit kills it
-  bandwidth  Figs. 7 and 8: the source-cloud bandwidth swept, latency and throughput
-  source     Fig. 9: the source node an AGX (as everywhere else) or an NX
+  bandwidth  Figs. 7 and 8 (a-c: one per model): the source-cloud bandwidth swept, latency
+             and throughput; the base testbed's bandwidth is table4's runs, Edge-Solo
+             (no link) is table4's run at every point; the largest model compares EdgeShard
+             with EdgeShard-Even (the paper's variant) since every baseline is out of memory
+  source     Fig. 9: the source node an AGX (table4's runs) or an NX, every method
   profiling  Fig. 10: planning from prefill, decode, average or workload-weighted costs
-  orders     Fig. 11: pipelined throughput in bubbles and no-bubbles order
+             (the second model, as the paper's 13B)
+  orders     Fig. 11: pipelined throughput in bubbles order (no-bubbles: table4's runs) for
+             cloud-edge-even, cloud-edge-opt and edgeshard on the first two models
+
+Every run but Fig. 10's plans under the `workload` profiling strategy: the token mix the
+run will have (1 prefill and new_tokens - 1 decode steps), which is also what the
+prediction is computed under; planning under `average` chose plans the prediction itself
+ranked behind a baseline's.
+
+A profile is measured once per model on the base testbed (and on the NX-source one); a
+bandwidth variant reuses it with the swept link's measured bandwidth scaled by the
+configured ratio (tc shapes that link alone; its measured/configured ratio carries over).
 
 With root (and ip, tc, cgroups) the testbed runs in namespaces with tc and cgroups
 ("os"); elsewhere inside the job ("transport"); each HDF5 file says which.
 
     python -m edgeshard_mpi.bench.paper [--quick] [--only table4,orders] [--out DIR]
+        [--models mini-7b] [--bandwidths 0.081,4.03]      # a reduced run, e.g. to try it
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import tomllib
 from pathlib import Path
 
 from .. import toml_out
+from ..planner.problem import load_profile
 from ..testbed import can_emulate_os, down, launch_argv, load_testbed, up
 from .common import mpiexec_path
 
@@ -48,7 +64,13 @@ FULL = {
     "pipeline_prompts": 4,
     "new_tokens": 24,
     # The paper's 1, 2, 5, 10, 20, 50 Mb/s source-cloud sweep, times the testbed's scale.
-    "bandwidths": (0.0806, 0.161, 0.403, 0.806, 1.61, 4.03),
+    "bandwidths": (0.081, 0.161, 0.403, 0.806, 1.61, 4.03),
+    "sweep_models": ("mini-7b", "mini-13b", "mini-70b"),  # Figs. 7/8 a-c
+    # The main model at every point; the others at the paper's 1, 10 and 50 Mb/s (time:
+    # each run starts 15 ranks, about 40 s on a quiet 2-core host before any token).
+    "other_bandwidths": (0.081, 0.806, 4.03),
+    "order_models": ("mini-7b", "mini-13b"),  # Fig. 11 a-b
+    "profiling_model": "mini-13b",  # Fig. 10, as the paper's
 }
 SEQUENTIAL_BAND, PIPELINED_BAND = 0.10, 0.15
 """The issue's target for measured / predicted (latency, resp. pipelined throughput)."""
@@ -60,6 +82,9 @@ QUICK = {
     "pipeline_prompts": 4,
     "new_tokens": 16,
     "bandwidths": (1.0, 4.0, 8.0),
+    "sweep_models": ("mini-7b",),
+    "order_models": ("mini-7b",),
+    "profiling_model": "mini-7b",
 }
 
 
@@ -76,7 +101,13 @@ class Bench:
         self.current = None  # the testbed variant that is up (os emulation)
         self.done = self.skipped = 0
         self.counting, self.total, self.seen = False, 0, 0  # a dry pass counts the runs
+        self.launched, self.profiling_s = 0, 0.0  # the ETA leaves profiling out
         self.t_start = time.time()
+        self.derived: dict[Path, tuple[float, float]] = {}  # variant -> (base, its) Mb/s
+
+    def base_src_cloud_mbps(self) -> float:
+        tb = self.base
+        return float(tb.bandwidth[tb.source, tb.cloud] * 8 / 1e6)
 
     # -- testbeds --------------------------------------------------------------------------
 
@@ -107,6 +138,8 @@ class Bench:
         path = self.out / "testbeds" / f"{data['name']}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(toml_out.dumps(data))
+        if src_cloud_mbps is not None and not nx_source:
+            self.derived[path.resolve()] = (self.base_src_cloud_mbps(), src_cloud_mbps)
         return load_testbed(path)
 
     def use(self, tb) -> None:
@@ -139,6 +172,8 @@ class Bench:
         path = self.out / "profiles" / f"{tb.name}-{model}.json"
         if path.is_file():
             return path
+        if tb.path.resolve() in self.derived:
+            return self._derive(tb, model, path)
         self.use(tb)
         job = self._job(tb, model, path.with_suffix(".h5"), {"strategy": "edgeshard"})
         # Warm-up matters here: with 1 warm-up call and 3 repeats a layer of `small` read
@@ -152,7 +187,23 @@ class Bench:
         if proc.returncode != 0:
             sys.exit(f"profiling {model} on {tb.name} failed:\n{proc.stdout}\n{proc.stderr}")
         (self.out / "profiles" / f"{tb.name}-{model}.profile.json").replace(path)
+        self.profiling_s += time.time() - t0
         print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s", flush=True)
+        return path
+
+    def _derive(self, tb, model: str, path: Path) -> Path:
+        """A bandwidth variant's profile: the base's, the swept link's bandwidth scaled by
+        configured new / configured base (both directions)."""
+        from dataclasses import replace
+
+        base = load_profile(self.profile(self.base, model))
+        s, c = tb.source, tb.cloud
+        old, new = self.derived[tb.path.resolve()]
+        bw = base.bandwidth.copy()
+        bw[s, c] *= new / old
+        bw[c, s] *= new / old
+        notes = f"{base.notes}; source-cloud link scaled {old:g} -> {new:g} Mb/s"
+        replace(base, bandwidth=bw, notes=notes).save(path, rename_ok=False)
         return path
 
     def _job(self, tb, model: str, out: Path, partition: dict, pipeline: dict | None = None):
@@ -186,9 +237,12 @@ class Bench:
             return
         self.seen += 1
         prof = self.profile(tb, model)
+        if not kw.get("expect_failure") and self._refused(prof, name, model, partition, marker):
+            self.done += 1
+            return
         self.use(tb)
         job = self._job(tb, model, out, partition, kw.get("pipeline"))
-        job["profile"] = {"reuse": str(prof), "strategy": kw.get("profile_strategy", "average")}
+        job["profile"] = {"reuse": str(prof), "strategy": kw.get("profile_strategy", "workload")}
         if kw.get("check_memory") is False:
             job["runtime"] = {"check_memory": False}
         jpath = out.with_suffix(".toml")
@@ -196,12 +250,18 @@ class Bench:
         jpath.write_text(toml_out.dumps(job))
         t0 = time.time()
         spent = t0 - self.t_start
-        eta = f"ETA {spent / (self.seen - 1) * (self.total - self.seen + 1) / 60:.0f} min" if (
-            self.seen > 1) else "ETA after the first run"  # fmt: skip
+        # The ETA from the runs launched so far (an offline refusal takes no time).
+        per_run = (spent - self.profiling_s) / max(self.launched, 1)
+        eta = f"ETA {per_run * (self.total - self.seen + 1) / 60:.0f} min" if (
+            self.launched) else "ETA after the first run"  # fmt: skip
+        self.launched += 1
         print(f"  [{self.seen}/{self.total}, {spent / 60:.0f} min, {eta}] {exp}/{name} ...",
               end=" ", flush=True)  # fmt: skip
         proc = self.launch(tb, jpath)
         took = time.time() - t0
+        # The host's load when the run ended: the report states it beside each figure.
+        out.with_suffix(".load.json").write_text(json.dumps(
+            {"load_avg_1m": os.getloadavg()[0], "seconds": took}))  # fmt: skip
         if proc.returncode == 0:
             line = [x for x in proc.stdout.splitlines() if "ms/token" in x and "prompts x" in x]
             print(f"{took:.0f} s: {line[-1].split(': ', 1)[-1] if line else 'done'}", flush=True)
@@ -219,6 +279,26 @@ class Bench:
             sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         self.done += 1
 
+    def _refused(self, prof: Path, name: str, model: str, partition: dict, marker: Path) -> bool:
+        """Does the planner refuse this run already offline (no reserve held back, the
+        smallest batch: looser than the job's own check, so a refusal here is one there)?
+        Then write the marker without starting 15 ranks (about 40 s each here)."""
+        from ..offline import plan_report
+
+        if partition["strategy"] not in STRATEGIES:
+            return False
+        rep = plan_report(str(prof), partition["objective"], [partition["strategy"]],
+                          profile_strategy="workload")  # fmt: skip
+        row = rep["plans"][0]
+        if row["feasible"]:
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"run": name, "model": model, "infeasible": row["error"],
+                                      "partition": partition}))  # fmt: skip
+        print(f"  [{self.seen}/{self.total}] {name}: infeasible (planner, offline): "
+              f"{row['error'][:80]}", flush=True)  # fmt: skip
+        return True
+
     # -- experiments ----------------------------------------------------------------------
 
     def table4(self) -> None:
@@ -230,42 +310,65 @@ class Bench:
                 self.run("table4", f"{model}-{s}-throughput", tb, model,
                          {"strategy": s, "objective": "throughput"},
                          pipeline={"mode": "pipeline"})  # fmt: skip
-        if self.emulation == "os":  # the planner says OOM; show the OS agrees
+        if self.emulation == "os" and len(self.cfg["models"]) > 1:
+            # The planner says the largest model is out of memory; show the OS agrees.
             big = self.cfg["models"][-1]
             self.run("table4", f"{big}-edge-solo-memory-check-off", tb, big,
                      {"strategy": "even", "ranks": [0]}, check_memory=False,
                      expect_failure=True)  # fmt: skip
 
+    def _sweep_methods(self, model: str) -> list[tuple[str, dict]]:
+        """(label, partition) of the methods Figs. 7/8 compare for a model: the largest
+        model (every baseline out of memory) against EdgeShard-Even over every device."""
+        if model == self.cfg["models"][-1] and len(self.cfg["models"]) > 1:
+            return [("edgeshard", {"strategy": "edgeshard"}),
+                    ("edgeshard-even", {"strategy": "even"})]  # fmt: skip
+        # Cloud-Edge-Even is table4's run at the base bandwidth only (time: 90 minutes).
+        return [(s, {"strategy": s}) for s in ("cloud-edge-opt", "edgeshard")]
+
     def bandwidth(self) -> None:
-        for bw in self.cfg["bandwidths"]:
-            tb = self.variant(f"bw{bw:g}", src_cloud_mbps=bw)
-            for s in ("edge-solo", "cloud-edge-opt", "edgeshard"):
-                self.run("bandwidth", f"{s}-latency-bw{bw:g}", tb, self.cfg["main"],
-                         {"strategy": s, "objective": "latency"})  # fmt: skip
-                self.run("bandwidth", f"{s}-throughput-bw{bw:g}", tb, self.cfg["main"],
-                         {"strategy": s, "objective": "throughput"},
-                         pipeline={"mode": "pipeline"})  # fmt: skip
+        base = self.base_src_cloud_mbps()
+        for model in self.cfg["sweep_models"]:
+            points = self.cfg["bandwidths"]
+            if model != self.cfg["main"]:
+                points = self.cfg.get("other_bandwidths", points)
+            for bw in points:
+                same = abs(bw - base) <= 0.01 * base
+                tb = self.base if same else self.variant(f"bw{bw:g}", src_cloud_mbps=bw)
+                for label, part in self._sweep_methods(model):
+                    if same and label in STRATEGIES:
+                        continue  # table4's run is this point
+                    for obj in ("latency", "throughput"):
+                        pipe = {"mode": "pipeline"} if obj == "throughput" else None
+                        self.run("bandwidth", f"{model}-{label}-{obj}-bw{bw:g}", tb, model,
+                                 {**part, "objective": obj}, pipeline=pipe)  # fmt: skip
 
     def source(self) -> None:
-        for name, nx in (("agx", False), ("nx", True)):
-            tb = self.variant("base" if not nx else "nx-source", nx_source=nx)
-            for s in ("edge-solo", "edgeshard"):
-                self.run("source", f"{s}-source-{name}", tb, self.cfg["main"],
-                         {"strategy": s, "objective": "latency"})  # fmt: skip
+        tb = self.variant("nx-source", nx_source=True)
+        for s in STRATEGIES:
+            for obj in ("latency", "throughput"):
+                pipe = {"mode": "pipeline"} if obj == "throughput" else None
+                self.run("source", f"{self.cfg['main']}-{s}-{obj}-source-nx", tb,
+                         self.cfg["main"], {"strategy": s, "objective": obj},
+                         pipeline=pipe)  # fmt: skip
 
     def profiling(self) -> None:
         tb = self.variant("base")
+        model = self.cfg["profiling_model"]
         for ps in PROFILE_STRATEGIES:
-            self.run("profiling", f"edgeshard-{ps}", tb, self.cfg["main"],
-                     {"strategy": "edgeshard", "objective": "latency"},
-                     profile_strategy=ps)  # fmt: skip
+            for obj in ("latency", "throughput"):
+                pipe = {"mode": "pipeline"} if obj == "throughput" else None
+                self.run("profiling", f"{model}-edgeshard-{obj}-{ps}", tb, model,
+                         {"strategy": "edgeshard", "objective": obj},
+                         profile_strategy=ps, pipeline=pipe)  # fmt: skip
 
     def orders(self) -> None:
         tb = self.variant("base")
-        for order in ("bubbles", "no-bubbles"):
-            self.run("orders", f"edgeshard-{order}", tb, self.cfg["main"],
-                     {"strategy": "edgeshard", "objective": "throughput"},
-                     pipeline={"mode": "pipeline", "order": order})  # fmt: skip
+        for model in self.cfg["order_models"]:
+            for s in ("cloud-edge-even", "cloud-edge-opt", "edgeshard"):
+                self.run("orders", f"{model}-{s}-bubbles", tb, model,
+                         {"strategy": s, "objective": "throughput"},
+                         pipeline={"mode": "pipeline", "order": "bubbles"})  # fmt: skip
 
 
 EXPERIMENTS = ("table4", "bandwidth", "source", "profiling", "orders")
@@ -277,12 +380,26 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments")
     ap.add_argument("--emulation", default="auto", choices=("auto", "os", "transport"))
     ap.add_argument("--new-tokens", type=int, help="override the workload's new tokens")
+    ap.add_argument("--models", help="comma-separated presets (default: the config's three)")
+    ap.add_argument("--bandwidths", help="comma-separated source-cloud Mb/s (testbed-scaled)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.new_tokens:
         cfg["new_tokens"] = args.new_tokens
+    if args.models:
+        cfg["models"] = tuple(args.models.split(","))
+        cfg["main"] = cfg["profiling_model"] = cfg["models"][0]
+        cfg["sweep_models"] = cfg["models"]
+        cfg["order_models"] = cfg["models"][:2]
+    if args.bandwidths:
+        try:
+            cfg["bandwidths"] = tuple(float(x) for x in args.bandwidths.split(","))
+            cfg["other_bandwidths"] = cfg["bandwidths"]
+        except ValueError:
+            sys.exit(f"--bandwidths: {args.bandwidths!r} is not a comma-separated list of "
+                     "numbers (Mb/s), e.g. --bandwidths 0.081,4.03")  # fmt: skip
     out = (args.out or Path("results") / ("bench-quick" if args.quick else "bench")).resolve()
     bench = Bench(cfg, out, args.emulation, args.timeout)
     print(f"testbed {cfg['testbed']} ({bench.emulation} emulation), results in {out}")

@@ -1,0 +1,50 @@
+"""Sequence-pass profiling (seqprofile.py): units timed inside whole generations of one
+Stage, the way a run calls them. Tiny model, one process: fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeshard_mpi import emulation
+from edgeshard_mpi.kernels import load_stage
+from edgeshard_mpi.presets import PRESETS
+from edgeshard_mpi.profile import CacheFlusher, measure_units
+from edgeshard_mpi.seqprofile import _segments, time_segment
+from edgeshard_mpi.weights import weight_source
+
+CPU = torch.device("cpu")
+
+
+def test_segments_split_where_units_are_not_consecutive():
+    assert _segments([0, 1, 2, 3, 9]) == [[0, 1, 2, 3], [9]]
+    assert _segments([5]) == [[5]]
+
+
+def test_units_of_a_call_sum_to_the_call_under_emulation():
+    spec = PRESETS["tiny"]
+    src = weight_source("tiny", spec, "float32", 0)
+    stage = load_stage(spec, 0, spec.n_units, "float32", CPU, src, "fast")
+    emulation.configure("os", 4.0)
+    try:
+        pre, dec = time_segment(stage, list(range(spec.n_units)), 1, 8, 6, 1, 2, CPU,
+                                CacheFlusher(False))  # fmt: skip
+    finally:
+        emulation.configure("none")
+    assert set(pre) == set(dec) == set(range(spec.n_units))
+    assert all(v > 0 for v in [*pre.values(), *dec.values()])
+    # A prefill of 8 tokens costs more than one decode step, layer by layer.
+    assert sum(pre.values()) > sum(dec.values())
+
+
+@pytest.mark.parametrize("method", ["sequence", "units"])
+def test_measure_units_fills_every_unit(method):
+    spec = PRESETS["tiny"]
+    src = weight_source("tiny", spec, "float32", 0)
+    pre, dec = measure_units(spec, src, "float32", CPU, 1e9, [1], 8, 14, 1, 2,
+                             sample_layers=1, cold=False, method=method)  # fmt: skip
+    assert pre.shape == dec.shape == (1, spec.n_units)
+    assert np.isfinite(pre).all() and np.isfinite(dec).all() and (dec > 0).all()
+    layers = dec[0, 1:-1]
+    assert np.allclose(layers, layers[0])  # alike layers share one cost
