@@ -59,11 +59,26 @@ class LinkEmulator(threading.Thread):
     it would have arrived: after latency[dest], and, when bandwidth is emulated too, after
     the bytes queued before it and its own bytes have crossed at bandwidth[dest] bytes/s.
     A thread posts it, so a rank busy computing does not hold its messages back (MPI is
-    initialized with MPI_THREAD_MULTIPLE by mpi4py)."""
+    initialized with MPI_THREAD_MULTIPLE by mpi4py).
 
-    def __init__(self, comm, latency: np.ndarray, bandwidth: np.ndarray | None):
+    `shaper_burst` (bytes) is set when tc already shapes the bandwidth (OS testbed). tc's
+    token bucket lets its first `burst` bytes through at line rate whenever the link has
+    been idle, so a decode step's few-KB activation would cross a 1 Mb/s link almost free,
+    which no real 1 Mb/s link does. The emulator charges those bytes: a message waits here
+    min(bytes, burst) / bandwidth after the link's previous message ended, by which time
+    the bucket holds at least that much again, and tc paces the rest: the message then
+    ends bytes / bandwidth after it started, as on a real link, whatever the bucket held."""
+
+    def __init__(
+        self,
+        comm,
+        latency: np.ndarray,
+        bandwidth: np.ndarray | None,
+        shaper_burst: float | None = None,
+    ):
         super().__init__(daemon=True, name="edgeshard-links")
         self.comm, self.latency, self.bandwidth = comm, latency, bandwidth
+        self.shaper_burst = shaper_burst
         self.busy = np.zeros(len(latency))
         self.heap: list = []
         self.seq = itertools.count()
@@ -77,7 +92,11 @@ class LinkEmulator(threading.Thread):
             if self.bandwidth is not None and np.isfinite(self.bandwidth[dest]):
                 start = max(now, self.busy[dest])
                 self.busy[dest] = start + buf.nbytes / self.bandwidth[dest]
-                release = self.busy[dest] + self.latency[dest]
+                if self.shaper_burst is None:  # we are the link: deliver once it crossed
+                    release = self.busy[dest] + self.latency[dest]
+                else:  # tc is the link: charge only what its bucket would let through
+                    free = min(buf.nbytes, self.shaper_burst) / self.bandwidth[dest]
+                    release = start + free + self.latency[dest]
             else:
                 release = now + self.latency[dest]
             heapq.heappush(self.heap, (release, next(self.seq), p, buf, dest, tag))
@@ -108,9 +127,14 @@ class Transport:
         self.messages_sent = 0
         self.links: LinkEmulator | None = None
 
-    def emulate_links(self, latency: np.ndarray, bandwidth: np.ndarray | None) -> None:
+    def emulate_links(
+        self,
+        latency: np.ndarray,
+        bandwidth: np.ndarray | None,
+        shaper_burst: float | None = None,
+    ) -> None:
         """Delay this rank's data messages as the testbed's links would (see testbed.py)."""
-        self.links = LinkEmulator(self.comm, latency, bandwidth)
+        self.links = LinkEmulator(self.comm, latency, bandwidth, shaper_burst)
 
     def isend_buf(self, buf, dest: int, tag: int):
         """Isend of a buffer through the (possibly emulated) link; returns a request."""

@@ -105,7 +105,7 @@ def start_testbed(job: Job, tp):
     import os
 
     from . import emulation
-    from .testbed import TestbedError, load_testbed
+    from .testbed import SHAPER_BURST_BYTES, TestbedError, load_testbed
 
     if job.cluster.testbed is None:
         return None, "none"
@@ -140,7 +140,7 @@ def start_testbed(job: Job, tp):
 
         _warm_up_imports()  # transformers and torch import lazily: not under a CPU quota
         join_cgroups()
-        tp.emulate_links(tb.latency_s[tp.rank], None)
+        tp.emulate_links(tb.latency_s[tp.rank], tb.bandwidth[tp.rank], SHAPER_BURST_BYTES)
         emulation.configure("os", slowdown=1.0 / me.cpu)
         return tb, "os"
     tp.emulate_links(tb.latency_s[tp.rank], tb.bandwidth[tp.rank])

@@ -9,7 +9,8 @@ emulation.py), its memory a cgroup limit, and CPU priority over other work on th
 
 Ranks start inside their device (`testbed enter`: join the cgroups, then `ip netns exec`)
 and MPICH talks over TCP through the shaped veths (no shared memory). This kernel has no
-netem, so link latency is added by the transport (comm.DelayedSends) in both modes.
+netem, so link latency is added by the transport (comm.LinkEmulator) in both modes, which
+also charges the bytes tc's token bucket lets through unpaced (SHAPER_BURST_BYTES).
 
 Without root (or with emulation = "transport") the same testbed file is emulated inside
 the process: the transport delays each message by latency + bytes / bandwidth per link, and
@@ -226,6 +227,11 @@ def can_emulate_os() -> str | None:
     return None
 
 
+# htb's bucket per shaped link (bytes): tc's own default for an MTU of 1500. The transport
+# charges these bytes itself (comm.LinkEmulator), so a small message is not sent free.
+SHAPER_BURST_BYTES = 1600
+
+
 def _rate(bytes_per_s: float) -> str:
     return f"{max(8.0, bytes_per_s * 8 / 1000):.0f}kbit"
 
@@ -259,7 +265,8 @@ def up_commands(tb: Testbed) -> list[list[str]]:
             rate = _rate(tb.bandwidth[i, j])
             cmds += [
                 [*nx, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid",
-                 f"1:{10 + j}", "htb", "rate", rate, "ceil", rate, "burst", "4k", "cburst", "4k"],
+                 f"1:{10 + j}", "htb", "rate", rate, "ceil", rate,
+                 "burst", f"{SHAPER_BURST_BYTES}b", "cburst", f"{SHAPER_BURST_BYTES}b"],
                 [*nx, "tc", "filter", "add", "dev", "eth0", "protocol", "ip", "parent", "1:",
                  "prio", "1", "u32", "match", "ip", "dst", f"{tb.ip(j)}/32", "flowid",
                  f"1:{10 + j}"],
