@@ -345,13 +345,13 @@ def test_furthest_reach_probe_is_sound_and_complete_where_it_says(inst, holes):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances)
-def test_throughput_ties_go_to_the_least_latency(inst):
+@given(instances, st.booleans())
+def test_throughput_ties_go_to_the_least_latency(inst, holes):
+    """Also with devices that can run some units but not others (holes)."""
     seed, m, n, tight, heads, strategy = inst
-    prob = make_problem(
-        random_profile(np.random.default_rng(seed), m, n, tight=tight, head_holders=heads),
-        strategy=strategy,
-    )
+    rng = np.random.default_rng(seed)
+    prof = random_profile(rng, m, n, tight=tight, head_holders=heads)
+    prob = make_problem(partly_capable(rng, prof) if holes else prof, strategy=strategy)
     best, _ = brute(prob, "throughput")
     if not np.isfinite(best):
         return

@@ -46,6 +46,8 @@ from .plan import Plan
 from .problem import Infeasible, PlannerLimit, Problem
 
 TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
+TIE_SECONDS = 3.0  # wall-clock seconds the label DP of the tie-break may take
+TIE_MEMORY = 4e8  # bytes it may hold
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -261,12 +263,31 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
                 lo2 = mid + 1
         max_no = lo2 - 1
     bound = float(cands[max_no + 1]) if max_no + 1 < len(cands) else INF
-    # Ties: the least latency within the optimal bottleneck (the latency DP, exact).
-    budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
-    out = sv.exact(cands[hi] * (1 + TIE_REL))
-    sv.time_budget = budget
-    tie_exact = out.exact and out.path is not None
-    path = out.path if tie_exact else best
+    # Ties: the least latency within the optimal bottleneck. Distinct devices: the label
+    # DP over device sets (ties.py); types (or past its budget): the latency DP, exact.
+    lim = cands[hi] * (1 + TIE_REL)
+    path, tie_exact = best, False
+    if use_reach:
+        from .ties import least_latency
+
+        got = least_latency(
+            inst.seg,
+            inst.hop,
+            inst.ret,
+            inst.src,
+            lim,
+            _path_latency(inst, best),
+            min(sv.memory_budget, TIE_MEMORY),
+            time.perf_counter() + TIE_SECONDS,
+        )
+        if got is not None:
+            tie_exact, path = True, got[1] if got[1] is not None else best
+    if not tie_exact:
+        budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
+        out = sv.exact(lim)
+        sv.time_budget = budget
+        tie_exact = out.exact and out.path is not None
+        path = out.path if tie_exact else best
     sv.tie_break_exact = tie_exact
     # Exact when every "no" was proven, or when the proven bound meets the plan.
     exact = no_exact or _path_bottleneck(inst, path) <= bound * (1 + TIE_REL)
