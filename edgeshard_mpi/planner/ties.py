@@ -22,7 +22,9 @@ import numpy as np
 from .reach import _subset_sums
 
 INF = np.inf
-LABEL_BYTES = 64.0  # bytes per label made (arrays and the sort's temporaries)
+LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
+CHUNK = 50_000  # labels expanded at once (the transient arrays: a few hundred bytes each)
+LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
 
 
 def tail_bound(seg, hop, ret, limit: float) -> np.ndarray:
@@ -56,8 +58,7 @@ def least_latency(
     after = tail_bound(seg, hop, ret, limit)
     hop_ok = hop <= limit
     ret_ok = ret <= limit
-    budget_labels = memory_budget / LABEL_BYTES
-    made = 0
+    made, made_last, live_last, stored = 0, 0, 1, 0
     e = np.arange(1, far[src, 0] + 1, dtype=np.int64)
     S = np.full(len(e), 1 << src, dtype=np.int64)
     k = np.full(len(e), src, dtype=np.int64)
@@ -66,8 +67,10 @@ def least_latency(
     best, best_at = upper, None
     history = []
     slack = 1e-12 * max(abs(upper), 1.0) if np.isfinite(upper) else 0.0
+    kdt = np.int8 if m < 128 else np.int16
     for level in range(m):
-        history.append((k, e, par))
+        history.append((k.astype(kdt), e.astype(np.int16), par.astype(np.int32)))
+        stored += len(k)
         fin = (e == n) & ret_ok[k]
         if fin.any():
             v = L[fin] + ret[k[fin]]
@@ -78,39 +81,35 @@ def least_latency(
         idx = np.flatnonzero(live)
         if len(idx) == 0:
             break
-        if time.perf_counter() > deadline:
-            return None
-        parts = []
-        for j in range(m):
-            sub = idx[((S[idx] >> j) & 1 == 0) & hop_ok[e[idx], k[idx], j]]
-            x = e[sub]
-            lens = far[j, x] - x  # 0 where j cannot run unit x
-            sub, x, lens = sub[lens > 0], x[lens > 0], lens[lens > 0]
-            if len(sub) == 0:
-                continue
-            rep = np.repeat(sub, lens)
-            xe = np.repeat(x, lens)
-            ee = xe + 1 + np.arange(len(rep)) - np.repeat(np.cumsum(lens) - lens, lens)
-            nl = L[rep] + hop[xe, k[rep], j] + seg[j, xe, ee]
-            keep = nl + after[ee, j] < best + slack
-            parts.append(
-                (
-                    S[rep[keep]] | (1 << j),
-                    np.full(int(keep.sum()), j),
-                    ee[keep],
-                    nl[keep],
-                    rep[keep],
-                )
-            )
-            made += int(keep.sum())
-            if made > budget_labels or time.perf_counter() > deadline:
+        # Before a level: its labels, projected from the last level's successors per
+        # live label, must fit the time left.
+        if level > 0:
+            projected = len(idx) * made_last / max(live_last, 1)
+            if projected * LABEL_S > deadline - time.process_time():
                 return None
-        if not parts:
+        made_before, live_last = made, len(idx)
+        # A label (T, j, e) comes only from labels of the set T - {j}: expanding the
+        # labels a few sets at a time keeps the deduplication exact and its memory small.
+        out = []
+        sets = S[idx]
+        lo = 0
+        while lo < len(idx):
+            hi = min(lo + CHUNK, len(idx))
+            if hi < len(idx):
+                hi = int(np.searchsorted(sets, sets[hi - 1], side="right"))
+            got = _expand(idx[lo:hi], S, k, e, L, m, n1, far, hop, seg, hop_ok, after, best + slack)
+            lo = hi
+            if got is None:
+                continue
+            made += got[5]
+            out.append(got[:5])
+            stored_now = stored + sum(len(g[0]) for g in out)
+            if stored_now * LABEL_BYTES > memory_budget or time.process_time() > deadline:
+                return None
+        made_last = made - made_before
+        if not out:
             break
-        S2, k2, e2, L2, p2 = (np.concatenate(a) for a in zip(*parts, strict=True))
-        # One label per (S, k, e): the least latency.
-        o = _least_per_key((S2 * m + k2) * n1 + e2, L2)
-        S, k, e, L, par = S2[o], k2[o], e2[o], L2[o], p2[o]
+        S, k, e, L, par = (np.concatenate(a) for a in zip(*out, strict=True))
     if best_at is None:
         return upper, None
     level, i = best_at
@@ -121,6 +120,32 @@ def least_latency(
         path.append((int(kk[i]), prev_end, int(ee[i])))
         i, level = int(pp[i]), level - 1
     return best, path[::-1]
+
+
+def _expand(idx, S, k, e, L, m, n1, far, hop, seg, hop_ok, after, bound):
+    """The labels one more device makes from labels idx (whole sets), one per (S, k, e):
+    the least latency; None if none. Returns (S, k, e, L, parent, made)."""
+    parts = []
+    for j in range(m):
+        sub = idx[((S[idx] >> j) & 1 == 0) & hop_ok[e[idx], k[idx], j]]
+        x = e[sub]
+        lens = far[j, x] - x  # 0 where j cannot run unit x
+        sub, x, lens = sub[lens > 0], x[lens > 0], lens[lens > 0]
+        if len(sub) == 0:
+            continue
+        rep = np.repeat(sub, lens)
+        xe = np.repeat(x, lens)
+        ee = xe + 1 + np.arange(len(rep)) - np.repeat(np.cumsum(lens) - lens, lens)
+        nl = L[rep] + hop[xe, k[rep], j] + seg[j, xe, ee]
+        keep = nl + after[ee, j] < bound
+        parts.append(
+            (S[rep[keep]] | (1 << j), np.full(int(keep.sum()), j), ee[keep], nl[keep], rep[keep])
+        )
+    if not parts:
+        return None
+    S2, k2, e2, L2, p2 = (np.concatenate(a) for a in zip(*parts, strict=True))
+    o = _least_per_key((S2 * m + k2) * n1 + e2, L2)
+    return S2[o], k2[o], e2[o], L2[o], p2[o], len(S2)
 
 
 def _least_per_key(key: np.ndarray, value: np.ndarray) -> np.ndarray:
