@@ -268,20 +268,25 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     lim = cands[hi] * (1 + TIE_REL)
     path, tie_exact = best, False
     if use_reach:
-        from .ties import least_latency
+        from .ties import improve_order, least_latency
 
+        deadline = time.process_time() + TIE_SECONDS
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_SECONDS / 4)
+        if start is None:  # (cannot happen: the order of `best` fits) keep the probe's plan
+            upper, start = _path_latency(inst, best), best
         got = least_latency(
             inst.seg,
             inst.hop,
             inst.ret,
             inst.src,
             lim,
-            _path_latency(inst, best),
+            upper,
             min(sv.memory_budget, TIE_MEMORY),
-            time.process_time() + TIE_SECONDS,
+            deadline,
         )
+        path = start
         if got is not None:
-            tie_exact, path = True, got[1] if got[1] is not None else best
+            tie_exact, path = True, got[1] if got[1] is not None else start
     if not tie_exact:
         budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
         out = sv.exact(lim)

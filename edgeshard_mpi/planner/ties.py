@@ -15,6 +15,7 @@ as they are made; past the caller's memory or time budget the search stops and s
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -162,3 +163,49 @@ def _least_per_key(key: np.ndarray, value: np.ndarray) -> np.ndarray:
     first = np.ones(len(hit), dtype=bool)
     first[1:] = gid[hit[1:]] != gid[hit[:-1]]
     return o[hit[first]]
+
+
+def order_cuts(seg, hop, ret, order, limit: float):
+    """The least-latency cuts for a fixed order of devices, every stage, hop and return
+    within `limit`: (latency, [(device, start, end)]) or (inf, None)."""
+    n1 = seg.shape[1]
+    n = n1 - 1
+    sg = np.where(seg <= limit, seg, INF)
+    hp = np.where(hop <= limit, hop, INF)
+    g = np.full(n1, INF)
+    g[1:] = sg[order[0], 0, 1:]
+    back = []
+    for a, b in itertools.pairwise(order):
+        c = (g + hp[:, a, b])[:, None] + sg[b]  # [start x, end e]
+        arg = c.argmin(axis=0)
+        back.append(arg)
+        g = c[arg, np.arange(n1)]
+    total = g[n] + (ret[order[-1]] if ret[order[-1]] <= limit else INF)
+    if not np.isfinite(total):
+        return INF, None
+    path, end = [], n
+    for d, arg in zip(order[::-1], [*back[::-1], None], strict=True):
+        start = int(arg[end]) if arg is not None else 0
+        path.append((int(d), start, end))
+        end = start
+    return float(total), path[::-1]
+
+
+def improve_order(seg, hop, ret, path, limit: float, seconds: float):
+    """A better upper bound for the label DP: swaps of two devices in the chain's order
+    (the source stays first), each re-cut at least latency, while one improves.
+    Returns (latency, path)."""
+    order = [d for d, _, _ in path]
+    best, best_path = order_cuts(seg, hop, ret, order, limit)
+    stop = time.process_time() + seconds
+    improved = True
+    while improved and time.process_time() < stop:
+        improved = False
+        for i in range(1, len(order)):
+            for j in range(i + 1, len(order)):
+                o2 = list(order)
+                o2[i], o2[j] = o2[j], o2[i]
+                v, p2 = order_cuts(seg, hop, ret, o2, limit)
+                if v < best:
+                    order, best, best_path, improved = o2, v, p2, True
+    return best, best_path
