@@ -287,7 +287,7 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
         path = start
         if got is not None:
             tie_exact, path = True, got[1] if got[1] is not None else start
-    if not tie_exact:
+    if not tie_exact and not use_reach:  # types: the latency DP (distinct: it cannot do better)
         budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
         out = sv.exact(lim)
         sv.time_budget = budget
