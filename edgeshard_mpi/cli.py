@@ -99,21 +99,8 @@ def plan(
 
         try:
             text = run_offline(
-                profile,
-                strategy,
-                objective,
-                algorithm,
-                profile_strategy,
-                batch,
-                source,
-                pipeline,
-                prompts,
-                micro_batch_size,
-                micro_batches,
-                order,
-                sweep,
-                png,
-                as_json,
+                profile, strategy, objective, algorithm, profile_strategy, batch, source,
+                pipeline, prompts, micro_batch_size, micro_batches, order, sweep, png, as_json,
             )
         except (ProfileError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)

@@ -247,7 +247,7 @@ class Job:
         if ev.window is not None and ev.window > spec.max_position_embeddings:
             raise JobError(
                 f"eval.window = {ev.window} exceeds the model's max_position_embeddings "
-                f'({spec.max_position_embeddings}); use at most that, or "auto"'
+                f"({spec.max_position_embeddings}); use at most that, or \"auto\""
             )
         for d in self.cluster.devices:
             if d.rank >= world_size:
