@@ -11,10 +11,13 @@ counted in the state (mixed radix, prod(count + 1) states) and the DP runs again
 pass bounds the optimum from below, so the first path within the counts is optimal.
 
 Throughput: binary search over the finite set of candidate bottlenecks (every stage's
-seconds, every hop, every return). A probe at T is the latency DP above with every stage,
-hop and return slower than T removed: feasible or not, exactly, and the last feasible
-probe (T = the optimum) returns, among the bottleneck-optimal plans, the one of least
-latency: ties are broken exactly, by construction.
+seconds, every hop, every return). A probe at T asks whether a chain keeps every stage,
+hop and return within T: over distinct devices the furthest-reach DP (reach.py), else (or
+where reach's "no" is not a proof) the latency DP above within T. At the optimum, ties go
+to the least latency: over distinct devices the label DP of ties.py (exact, within its own
+CPU and memory budget), over types the latency DP within the optimal bottleneck; when that
+does not fit, info['tie_break_exact'] is False (the plan is bottleneck-optimal, its latency
+not proven least).
 
 Before every pass the solver estimates its memory and time. Past the budget it stops
 being exact and answers with the best plan a bounded search finds: the same DP with
@@ -47,7 +50,7 @@ from .problem import Infeasible, PlannerLimit, Problem
 
 TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
 TIE_SECONDS = 1.0  # CPU seconds the label DP of the tie-break may take (the load aside)
-TIE_MEMORY = 4e8  # bytes it may hold
+TIE_MEMORY = 2e8  # bytes it may hold
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
