@@ -49,7 +49,7 @@ from .plan import Plan
 from .problem import Infeasible, PlannerLimit, Problem
 
 TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
-TIE_SECONDS = 1.0  # CPU seconds the label DP of the tie-break may take (the load aside)
+TIE_SECONDS = 1.5  # CPU seconds the label DP of the tie-break may take (the load aside)
 TIE_MEMORY = 2e8  # bytes it may hold
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
@@ -187,6 +187,7 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     is the latency DP: among bottleneck-optimal plans the least latency. Returns the
     outcome and a lower bound on the bottleneck."""
     from . import reach
+    from .ties import order_cuts
 
     inst = sv.inst
     cands = _candidates(inst)
@@ -212,7 +213,11 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
             sv.reach_probes += 1
             path = reach.probe(inst.seg, inst.hop, inst.ret, inst.src, lim)
             if path is not None:
-                return "yes", path
+                # The probe's cuts are greedy (furthest reach): re-cut its order for the
+                # least bottleneck, which often lowers the search's upper end a lot.
+                order = [d for d, _, _ in path]
+                _, cut = order_cuts(inst.seg, inst.hop, inst.ret, order, lim, bottleneck=True)
+                return "yes", cut if cut is not None else path
             if complete:
                 return "no", None
         out = sv.exact(lim)

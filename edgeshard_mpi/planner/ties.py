@@ -165,9 +165,10 @@ def _least_per_key(key: np.ndarray, value: np.ndarray) -> np.ndarray:
     return o[hit[first]]
 
 
-def order_cuts(seg, hop, ret, order, limit: float):
+def order_cuts(seg, hop, ret, order, limit: float, bottleneck: bool = False):
     """The least-latency cuts for a fixed order of devices, every stage, hop and return
-    within `limit`: (latency, [(device, start, end)]) or (inf, None)."""
+    within `limit`: (latency, [(device, start, end)]) or (inf, None). `bottleneck`: the
+    cuts of the least bottleneck instead (and its value)."""
     n1 = seg.shape[1]
     n = n1 - 1
     sg = np.where(seg <= limit, seg, INF)
@@ -176,11 +177,15 @@ def order_cuts(seg, hop, ret, order, limit: float):
     g[1:] = sg[order[0], 0, 1:]
     back = []
     for a, b in itertools.pairwise(order):
-        c = (g + hp[:, a, b])[:, None] + sg[b]  # [start x, end e]
+        if bottleneck:
+            c = np.maximum(np.maximum(g, hp[:, a, b])[:, None], sg[b])
+        else:
+            c = (g + hp[:, a, b])[:, None] + sg[b]  # [start x, end e]
         arg = c.argmin(axis=0)
         back.append(arg)
         g = c[arg, np.arange(n1)]
-    total = g[n] + (ret[order[-1]] if ret[order[-1]] <= limit else INF)
+    back_ret = ret[order[-1]] if ret[order[-1]] <= limit else INF
+    total = max(g[n], back_ret) if bottleneck else g[n] + back_ret
     if not np.isfinite(total):
         return INF, None
     path, end = [], n
