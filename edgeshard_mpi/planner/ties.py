@@ -24,7 +24,7 @@ from .reach import _subset_sums
 
 INF = np.inf
 LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
-CHUNK = 50_000  # labels expanded at once (the transient arrays: a few hundred bytes each)
+CHUNK_MADE = 400_000  # labels made per batch (transient arrays: ~150 bytes each)
 LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
 
 
@@ -88,6 +88,8 @@ def least_latency(
             projected = len(idx) * made_last / max(live_last, 1)
             if projected * LABEL_S > deadline - time.process_time():
                 return None
+        # Batches sized from the last level's labels made per live label.
+        chunk = max(1, int(CHUNK_MADE * live_last / max(made_last, live_last)))
         made_before, live_last = made, len(idx)
         # A label (T, j, e) comes only from labels of the set T - {j}: expanding the
         # labels a few sets at a time keeps the deduplication exact and its memory small.
@@ -95,7 +97,7 @@ def least_latency(
         sets = S[idx]
         lo = 0
         while lo < len(idx):
-            hi = min(lo + CHUNK, len(idx))
+            hi = min(lo + chunk, len(idx))
             if hi < len(idx):
                 hi = int(np.searchsorted(sets, sets[hi - 1], side="right"))
             got = _expand(idx[lo:hi], S, k, e, L, m, n1, far, hop, seg, hop_ok, after, best + slack)
