@@ -49,8 +49,11 @@ from .plan import Plan
 from .problem import Infeasible, PlannerLimit, Problem
 
 TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
-TIE_SECONDS = 1.5  # CPU seconds the label DP of the tie-break may take (the load aside)
-TIE_MEMORY = 2e8  # bytes it may hold
+# CPU seconds (the load aside) and bytes the label DP of the tie-break may take: more up to
+# 16 distinct devices (the paper's 15, where alike layers make many near-ties), less past
+# them (where it rarely fits, and the bottleneck search itself takes most of the time).
+TIE_SECONDS = {16: 3.0, None: 1.5}
+TIE_MEMORY = {16: 6e8, None: 2e8}
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -278,8 +281,9 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     if use_reach:
         from .ties import improve_order, least_latency
 
-        deadline = time.process_time() + TIE_SECONDS
-        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_SECONDS / 4)
+        size = 16 if m <= 16 else None
+        deadline = time.process_time() + TIE_SECONDS[size]
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_SECONDS[size] / 6)
         if start is None:  # (cannot happen: the order of `best` fits) keep the probe's plan
             upper, start = _path_latency(inst, best), best
         got = least_latency(
@@ -289,7 +293,7 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
             inst.src,
             lim,
             upper,
-            min(sv.memory_budget, TIE_MEMORY),
+            min(sv.memory_budget, TIE_MEMORY[size]),
             deadline,
         )
         path = start

@@ -24,7 +24,7 @@ from .reach import _subset_sums
 
 INF = np.inf
 LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
-CHUNK_MADE = 400_000  # labels made per batch (transient arrays: ~150 bytes each)
+CHUNK_MADE = 1_000_000  # labels a batch may make, at most (transient: ~150 bytes each)
 LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
 
 
@@ -88,8 +88,8 @@ def least_latency(
             projected = len(idx) * made_last / max(live_last, 1)
             if projected * LABEL_S > deadline - time.process_time():
                 return None
-        # Batches sized from the last level's labels made per live label.
-        chunk = max(1, int(CHUNK_MADE * live_last / max(made_last, live_last)))
+        # Batches sized for the worst case: a label makes at most sum(cap) labels.
+        chunk = max(1, CHUNK_MADE // max(int(cap.sum()), 1))
         made_before, live_last = made, len(idx)
         # A label (T, j, e) comes only from labels of the set T - {j}: expanding the
         # labels a few sets at a time keeps the deduplication exact and its memory small.
@@ -99,7 +99,7 @@ def least_latency(
         while lo < len(idx):
             hi = min(lo + chunk, len(idx))
             if hi < len(idx):
-                hi = int(np.searchsorted(sets, sets[hi - 1], side="right"))
+                hi = max(int(np.searchsorted(sets, sets[hi - 1], side="right")), lo + 1)
             got = _expand(idx[lo:hi], S, k, e, L, m, n1, far, hop, seg, hop_ok, after, best + slack)
             lo = hi
             if got is None:
@@ -113,6 +113,8 @@ def least_latency(
         if not out:
             break
         S, k, e, L, par = (np.concatenate(a) for a in zip(*out, strict=True))
+        o = np.argsort(S, kind="stable")  # the next level's batches take whole sets
+        S, k, e, L, par = S[o], k[o], e[o], L[o], par[o]
     if best_at is None:
         return upper, None
     level, i = best_at
