@@ -345,13 +345,18 @@ def test_furthest_reach_probe_is_sound_and_complete_where_it_says(inst, holes):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances)
-def test_throughput_ties_go_to_the_least_latency(inst):
+@given(instances, st.sampled_from(["plain", "holes", "types"]))
+def test_throughput_ties_go_to_the_least_latency(inst, kind):
+    """Also with devices that can run some units but not others (holes), and with alike
+    devices counted per type (types)."""
     seed, m, n, tight, heads, strategy = inst
-    prob = make_problem(
-        random_profile(np.random.default_rng(seed), m, n, tight=tight, head_holders=heads),
-        strategy=strategy,
+    rng = np.random.default_rng(seed)
+    prof = random_profile(
+        rng, max(m, 3) if kind == "types" else m, n, tight=tight, head_holders=heads
     )
+    if kind != "plain":
+        prof = with_types(rng, prof, 2) if kind == "types" else partly_capable(rng, prof)
+    prob = make_problem(prof, strategy=strategy)
     best, _ = brute(prob, "throughput")
     if not np.isfinite(best):
         return

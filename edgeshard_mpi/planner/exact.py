@@ -11,10 +11,13 @@ counted in the state (mixed radix, prod(count + 1) states) and the DP runs again
 pass bounds the optimum from below, so the first path within the counts is optimal.
 
 Throughput: binary search over the finite set of candidate bottlenecks (every stage's
-seconds, every hop, every return). A probe at T is the latency DP above with every stage,
-hop and return slower than T removed: feasible or not, exactly, and the last feasible
-probe (T = the optimum) returns, among the bottleneck-optimal plans, the one of least
-latency: ties are broken exactly, by construction.
+seconds, every hop, every return). A probe at T asks whether a chain keeps every stage,
+hop and return within T: over distinct devices the furthest-reach DP (reach.py), else (or
+where reach's "no" is not a proof) the latency DP above within T. At the optimum, ties go
+to the least latency: over distinct devices the label DP of ties.py (exact, within its own
+CPU and memory budget), over types the latency DP within the optimal bottleneck; when that
+does not fit, info['tie_break_exact'] is False (the plan is bottleneck-optimal, its latency
+not proven least).
 
 Before every pass the solver estimates its memory and time. Past the budget it stops
 being exact and answers with the best plan a bounded search finds: the same DP with
@@ -46,6 +49,11 @@ from .plan import Plan
 from .problem import Infeasible, PlannerLimit, Problem
 
 TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may add
+# CPU seconds (the load aside) and bytes the label DP of the tie-break may take: more up to
+# 16 distinct devices (the paper's 15, where alike layers make many near-ties), less past
+# them (where it rarely fits, and the bottleneck search itself takes most of the time).
+TIE_SECONDS = {16: 3.0, None: 1.5}
+TIE_MEMORY = {16: 6e8, None: 2e8}
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -182,6 +190,7 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
     is the latency DP: among bottleneck-optimal plans the least latency. Returns the
     outcome and a lower bound on the bottleneck."""
     from . import reach
+    from .ties import order_cuts
 
     inst = sv.inst
     cands = _candidates(inst)
@@ -207,7 +216,11 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
             sv.reach_probes += 1
             path = reach.probe(inst.seg, inst.hop, inst.ret, inst.src, lim)
             if path is not None:
-                return "yes", path
+                # The probe's cuts are greedy (furthest reach): re-cut its order for the
+                # least bottleneck, which often lowers the search's upper end a lot.
+                order = [d for d, _, _ in path]
+                _, cut = order_cuts(inst.seg, inst.hop, inst.ret, order, lim, bottleneck=True)
+                return "yes", cut if cut is not None else path
             if complete:
                 return "no", None
         out = sv.exact(lim)
@@ -261,12 +274,37 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
                 lo2 = mid + 1
         max_no = lo2 - 1
     bound = float(cands[max_no + 1]) if max_no + 1 < len(cands) else INF
-    # Ties: the least latency within the optimal bottleneck (the latency DP, exact).
-    budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
-    out = sv.exact(cands[hi] * (1 + TIE_REL))
-    sv.time_budget = budget
-    tie_exact = out.exact and out.path is not None
-    path = out.path if tie_exact else best
+    # Ties: the least latency within the optimal bottleneck. Distinct devices: the label
+    # DP over device sets (ties.py); types (or past its budget): the latency DP, exact.
+    lim = cands[hi] * (1 + TIE_REL)
+    path, tie_exact = best, False
+    if use_reach:
+        from .ties import improve_order, least_latency
+
+        size = 16 if m <= 16 else None
+        deadline = time.process_time() + TIE_SECONDS[size]
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_SECONDS[size] / 6)
+        if start is None:  # (cannot happen: the order of `best` fits) keep the probe's plan
+            upper, start = _path_latency(inst, best), best
+        got = least_latency(
+            inst.seg,
+            inst.hop,
+            inst.ret,
+            inst.src,
+            lim,
+            upper,
+            min(sv.memory_budget, TIE_MEMORY[size]),
+            deadline,
+        )
+        path = start
+        if got is not None:
+            tie_exact, path = True, got[1] if got[1] is not None else start
+    if not tie_exact and not use_reach:  # types: the latency DP (distinct: it cannot do better)
+        budget, sv.time_budget = sv.time_budget, min(sv.time_budget, sv.spent + TIE_BUDGET)
+        out = sv.exact(lim)
+        sv.time_budget = budget
+        tie_exact = out.exact and out.path is not None
+        path = out.path if tie_exact else best
     sv.tie_break_exact = tie_exact
     # Exact when every "no" was proven, or when the proven bound meets the plan.
     exact = no_exact or _path_bottleneck(inst, path) <= bound * (1 + TIE_REL)

@@ -57,61 +57,59 @@ def probe(seg, hop, ret, src: int, limit: float):
     ends = np.where(ok, np.arange(n1)[None, None, :], -1).max(axis=2)
     far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
     valid = far > np.arange(n1)[None, :]  # [j, x]
-    hop_ok = hop <= limit  # [x, k, j]
-    # pv[k, j, y]: the largest start x in [1, y] that j can take after k, else -1.
-    good = valid.T[:, None, :] & hop_ok  # [x, k, j]
-    good[0] = False
-    idx = np.where(good, np.arange(n1)[:, None, None], -1)
-    pv = np.maximum.accumulate(idx, axis=0).transpose(1, 2, 0)  # [k, j, y]
-    full = 1 << m
-    reach = np.full((full, m), -1, dtype=np.int16)
-    start = np.full((full, m), -1, dtype=np.int16)
-    prev = np.full((full, m), -1, dtype=np.int8 if m < 127 else np.int16)
-    s0 = 1 << src
     if not valid[src, 0]:
         return None
-    reach[s0, src], start[s0, src] = far[src, 0], 0
-    ret_ok = ret <= limit
-    levels = _levels(m, src)
-    ks = np.arange(m)
-    done = _finished(reach, ret_ok, n, np.array([s0]))  # the source alone
-    if done is not None:
-        return _path(done, reach, start, prev, n)
-    # The next device's start x is the largest one allowed, and its reach grows with x
-    # (a later start is a sub-range), so the best predecessor k is the one giving the
-    # largest x: one max over k, on int16.
-    pv_flat = np.ascontiguousarray(pv.transpose(1, 0, 2)).reshape(m, m * n1).astype(np.int16)
+    hop_ok = hop <= limit  # [x, k, j]
+    # pv[j, k, y]: the largest start x in [1, y] that j can take after k, else 0.
+    good = valid.T[:, None, :] & hop_ok  # [x, k, j]
+    good[0] = False
+    idx = np.where(good, np.arange(n1)[:, None, None], 0)
+    pv = np.maximum.accumulate(idx, axis=0).transpose(2, 1, 0)  # [j, k, y]
+    pv_flat = np.ascontiguousarray(pv).reshape(m, m * n1).astype(np.int16)
     far16 = far.astype(np.int16)
+    full = 1 << m
+    # reach[S, k]: the furthest cut; start[S, k]: where k's range begins (-1: no chain).
+    reach = np.full(full * m, -1, dtype=np.int16)
+    start = np.full(full * m, -1, dtype=np.int16)
+    s0 = 1 << src
+    reach[s0 * m + src], start[s0 * m + src] = far[src, 0], 0
+    ret_ok = ret <= limit
+    if far[src, 0] == n and ret_ok[src]:
+        return [(src, 0, n)]
     # A state whose remaining units exceed what the devices left can hold within the
     # limit (each at most its longest feasible range) cannot finish: dropped.
     cap = (far - np.arange(n1)[None, :]).max(axis=1).astype(np.int64)  # [j]
     left_cap = _subset_sums(cap)[::-1]  # [S]: sum of cap over devices not in S
     for c in range(1, m):
-        lvl = levels[c]
-        r = reach[lvl]
+        lvl, mem, nobit = _level(m, src, c)  # subsets of size c, their members, j not in S
+        flat = lvl[:, None] * m + mem  # [C, c] index of (S, k)
+        r = reach.take(flat)
         live = ((r >= 0) & (r.astype(np.int64) + left_cap[lvl][:, None] >= n)).any(axis=1)
-        lvl, r = lvl[live], r[live]
-        if len(lvl) == 0:
-            break
-        s = start[lvl]
+        if not live.any():
+            return None
+        s = start.take(flat)
         y = np.where(r >= 0, np.minimum(r, n - 1), 0).astype(np.int32)
-        base = ks[None, :].astype(np.int32) * n1 + y  # [C, k] index into pv_flat[j]
+        base = mem.astype(np.int32) * n1 + y  # [C, c] index into pv_flat[j]
+        # The next device's start x is the largest one allowed, and its reach grows with x
+        # (a later start is a sub-range), so the best predecessor k is the one giving the
+        # largest x: one max over k, on int16 (k keeps >= 1 unit: x > its start).
         for j in range(m):
-            x = pv_flat[j].take(base)  # [C, k]
-            x[x <= s] = -1  # k keeps >= 1 unit (and r < 0 gives y = 0, x = -1)
-            kb = x.argmax(axis=1)
-            bx = x[np.arange(len(lvl)), kb]
-            keep = (bx > 0) & (((lvl >> j) & 1) == 0)
+            rows = np.flatnonzero(live & nobit[:, j])
+            if len(rows) == 0:
+                continue
+            x = pv_flat[j].take(base[rows])  # [R, c]
+            bx = np.where(x > s[rows], x, 0).max(axis=1)
+            keep = bx > 0
             if not keep.any():
                 continue
-            tgt = lvl[keep] | (1 << j)
+            tgt = lvl[rows[keep]] | (1 << j)
             bxk = bx[keep]
             got = far16[j].take(bxk)
-            reach[tgt, j] = got
-            start[tgt, j] = bxk
-            prev[tgt, j] = kb[keep]
+            reach[tgt * m + j] = got
+            start[tgt * m + j] = bxk
             if ret_ok[j] and (got == n).any():
-                return _path((int(tgt[int(np.argmax(got == n))]), j), reach, start, prev, n)
+                done = (int(tgt[int(np.argmax(got == n))]), j)
+                return _path(done, reach, start, pv, m, n)
     return None
 
 
@@ -123,31 +121,34 @@ def _subset_sums(values: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _levels(m: int, src: int) -> list[np.ndarray]:
-    """Subsets holding the source, by size."""
+@functools.lru_cache(maxsize=64)
+def _level(m: int, src: int, c: int):
+    """Subsets of size c holding the source, their members [C, c] (int8), and a mask
+    [C, m] of the devices not in each."""
     subsets = np.arange(1 << m, dtype=np.int64)
     subsets = subsets[((subsets >> src) & 1) == 1]
-    pop = _popcount(subsets)
-    return [subsets[pop == c] for c in range(m + 1)]
+    subsets = subsets[_popcount(subsets) == c]
+    bits = ((subsets[:, None] >> np.arange(m)) & 1).astype(bool)
+    mem = np.nonzero(bits)[1].reshape(len(subsets), c).astype(np.int8)
+    return subsets, mem, ~bits
 
 
-def _finished(reach, ret_ok, n, subs):
-    hit = (reach[subs] == n) & ret_ok[None, :]
-    if not hit.any():
-        return None
-    i, k = np.argwhere(hit)[0]
-    return int(subs[i]), int(k)
-
-
-def _path(done, reach, start, prev, n):
+def _path(done, reach, start, pv, m, n):
+    """Back from (S, k): the predecessor is any k' in S - {k} whose chain lets k start
+    where it does (the probe keeps no back pointers)."""
     s, k = done
     out, end = [], n
-    while k >= 0:
-        x = int(start[s, k])
+    while True:
+        x = int(start[s * m + k])
         out.append((k, x, end))
-        pk = int(prev[s, k])
-        s, k, end = s & ~(1 << k), pk, x
         if x == 0:
             break
+        s2 = s & ~(1 << k)
+        for k2 in range(m):
+            r2 = int(reach[s2 * m + k2]) if (s2 >> k2) & 1 else -1
+            if r2 >= 0 and x > start[s2 * m + k2] and pv[k, k2, min(r2, n - 1)] == x:
+                break
+        else:
+            raise AssertionError("reach: broken chain")
+        s, k, end = s2, k2, x
     return out[::-1]
