@@ -34,8 +34,8 @@ def test_units_of_a_call_sum_to_the_call_under_emulation():
         emulation.configure("none")
     assert set(pre) == set(dec) == set(range(spec.n_units))
     assert all(v > 0 for v in [*pre.values(), *dec.values()])
-    # A prefill of 8 tokens costs more than one decode step, layer by layer.
-    assert sum(pre.values()) > sum(dec.values())
+    # No timing comparison here: on the tiny model a prefill of 8 tokens and a decode step
+    # cost the same ~0.15 ms a layer, and a dilated sleep's overshoot decides which is larger.
 
 
 @pytest.mark.parametrize("method", ["sequence", "units"])
