@@ -127,7 +127,11 @@ def test_concurrent_runs_keep_both_results(reference):
 
 @pytest.mark.parametrize("victim, phase", [(1, "infer"), (0, "infer"), (2, "profile")])
 def test_stopped_rank_ends_the_job_naming_it(victim, phase, tmp_path):
+    # Enough work that the stop lands in inference: 6 prompts of `small` end in ~0.8 s
+    # with the fast kernels, so a stop 0.5 s after prompt 2 could land after the gather,
+    # while rank 0 writes the file and the others wait in MPI_Finalize (not watched).
     job = dict(WORK, runtime={"stall_timeout_s": 5})
+    job["workload"] = dict(WORK["workload"], prompts=16, new_tokens=64)
     if phase == "profile":
         job |= {"partition": {"strategy": "edgeshard"}, "profile": {"repeats": 10}}
     run = Job(3, write(tmp_path, job))
