@@ -9,7 +9,9 @@ and every rank exits with status 2 after finalizing MPI: no hang, no traceback, 
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -252,70 +254,88 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
     watchdog.phase("gather")
     results = tp.gather(res)
     hosts = tp.gather(devices[tp.rank].host)
-    wd.stop()  # every rank passes here; rank 0's write must not ping ranks that left
-    if tp.rank != 0:
-        return 0
-    from .metrics import build_record, summarize, write_run
-
-    src = results[0]
-    summary = summarize(src.tokens, src.token_time, src.group_start)
-    record = build_record(
-        job,
-        spec,
-        plan,
-        devices,
-        prompts,
-        results,
-        summary,
-        hosts,
-        shape,
-        prof,
-        predicted,
-        others,
-        dec,
-    )
-    record["attrs"]["emulation"] = emulation
-    record["attrs"]["wire"] = job.transport.wire  # activations between ranks (wire.py)
-    if job.partition.strategy == "ce-collm":  # exit rate, bytes uploaded, cloud time
-        from . import cecollm
-
-        record["ce_collm"] = cecollm.summary(results, plan.stages[-1].rank)
-        cecollm.log_summary(log, record["ce_collm"])
-    if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
-        record["attrs"]["resumed_groups"] = list(src.resumed_groups)
-    if tb is not None:
-        record["attrs"]["testbed"] = tb.to_dict()
-    from .outfiles import OutputError
-
+    # The watchdogs stay on until rank 0 has written the file: the others wait for it in a
+    # sleeping barrier, so a rank 0 stopped while it writes ends the job (exit 3, naming
+    # phase 'write') instead of leaving every rank in MPI_Finalize. Only after the barrier
+    # may a watchdog stop: then none of them pings a rank that has left.
+    watchdog.phase("write")
     try:
-        written = write_run(out, record)
-    except OutputError as e:
-        log.error(
-            f"results not written: {e.strerror}; every group is in {journal.path}: free "
-            f"space, then `edgeshard-mpi run JOB --resume {journal.path}` writes the file"
-        )
-        return EXIT_USER_ERROR
-    journal.remove()
-    log.info(
-        f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
-        f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "
-        f"{summary['latency_ms_per_token']:.2f} ms/token, TTFT {summary['ttft_ms']:.1f} ms, "
-        f"{summary['tokens_per_s']:.1f} tokens/s"
-    )
-    pipe = record.get("pipeline")
-    if pipe and "measured_over_predicted" in pipe:
-        log.info(
-            f"pipeline: measured {pipe['tokens_per_s']:.1f} tokens/s = "
-            f"{pipe['measured_over_predicted']:.0%} of predicted; stage busy "
-            + ", ".join(f"{x:.0%}" for x in pipe["busy_fraction"])
-        )
-    if job.output.show_text:
-        from .data import continuation
+        if tp.rank != 0:
+            return 0
+        failpoint("stop-before-write")
+        from .metrics import build_record, summarize, write_run
 
-        log.info(continuation(job, spec, prompts.ids[0], record["workload"]["generated_ids"][0]))
-    taken = f" ({out.name} was taken by another run)" if written != out else ""
-    log.info(f"wrote {written}{taken}")
-    return 0
+        src = results[0]
+        summary = summarize(src.tokens, src.token_time, src.group_start)
+        record = build_record(
+            job,
+            spec,
+            plan,
+            devices,
+            prompts,
+            results,
+            summary,
+            hosts,
+            shape,
+            prof,
+            predicted,
+            others,
+            dec,
+        )
+        record["attrs"]["emulation"] = emulation
+        record["attrs"]["wire"] = job.transport.wire  # activations between ranks (wire.py)
+        if job.partition.strategy == "ce-collm":  # exit rate, bytes uploaded, cloud time
+            from . import cecollm
+
+            record["ce_collm"] = cecollm.summary(results, plan.stages[-1].rank)
+            cecollm.log_summary(log, record["ce_collm"])
+        if src.resumed_groups:  # groups taken from a killed run's journal (resume.py)
+            record["attrs"]["resumed_groups"] = list(src.resumed_groups)
+        if tb is not None:
+            record["attrs"]["testbed"] = tb.to_dict()
+        from .outfiles import OutputError
+
+        try:
+            written = write_run(out, record)
+        except OutputError as e:
+            log.error(
+                f"results not written: {e.strerror}; every group is in {journal.path}: free "
+                f"space, then `edgeshard-mpi run JOB --resume {journal.path}` writes the file"
+            )
+            return EXIT_USER_ERROR
+        journal.remove()
+        log.info(
+            f"{job.workload.prompts} prompts x {job.workload.new_tokens} tokens, micro-batch "
+            f"{dec.micro_batch_size} x {dec.micro_batches} in flight: latency "
+            f"{summary['latency_ms_per_token']:.2f} ms/token, TTFT {summary['ttft_ms']:.1f} ms, "
+            f"{summary['tokens_per_s']:.1f} tokens/s"
+        )
+        pipe = record.get("pipeline")
+        if pipe and "measured_over_predicted" in pipe:
+            log.info(
+                f"pipeline: measured {pipe['tokens_per_s']:.1f} tokens/s = "
+                f"{pipe['measured_over_predicted']:.0%} of predicted; stage busy "
+                + ", ".join(f"{x:.0%}" for x in pipe["busy_fraction"])
+            )
+        if job.output.show_text:
+            from .data import continuation
+
+            generated = record["workload"]["generated_ids"][0]
+            log.info(continuation(job, spec, prompts.ids[0], generated))
+        taken = f" ({out.name} was taken by another run)" if written != out else ""
+        log.info(f"wrote {written}{taken}")
+        return 0
+
+    finally:
+        tp.quiet_barrier()
+        wd.stop()
+
+
+def failpoint(name: str) -> None:
+    """EDGESHARD_FAILPOINT=NAME stops this process (SIGSTOP) at the point called NAME: how
+    the tests freeze a rank at a moment too short to hit from outside."""
+    if os.environ.get("EDGESHARD_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def profile_job(job_path: str, out_path: str | None) -> int:

@@ -149,7 +149,7 @@ class Watchdog(threading.Thread):
         self.limit = limit_s
 
     def stop(self) -> None:
-        """Stop before MPI_Finalize (collective: call where every rank passes)."""
+        """Stop before MPI_Finalize (collective: call after a barrier every rank passes)."""
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
@@ -206,7 +206,11 @@ class Watchdog(threading.Thread):
         self._sends += [self.comm.isend(rnd, dest=r, tag=PING) for r in ranks]
         st = MPI.Status()
         deadline = time.monotonic() + PING_WAIT_S
-        while any(r not in answers for r in ranks) and time.monotonic() < deadline:
+        while (
+            any(r not in answers for r in ranks)
+            and time.monotonic() < deadline
+            and not self._halt.is_set()
+        ):
             self._answer()
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=PONG, status=st):
                 src = st.Get_source()
@@ -226,6 +230,10 @@ class Watchdog(threading.Thread):
             self._ping([r for r in others if r not in answers], answers)
             if len(answers) == self.size:
                 break
+        if self._halt.is_set():
+            # stop() came during the pings: this rank passed the closing barrier, so every
+            # rank did, and a silent one has only stopped its own watchdog.
+            return False
         silent = [r for r in others if r not in answers]
         working = [r for r, s in answers.items() if s["age"] < self.limit or not s["waiting"]]
         if not silent and working:

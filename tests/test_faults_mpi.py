@@ -128,8 +128,8 @@ def test_concurrent_runs_keep_both_results(reference):
 @pytest.mark.parametrize("victim, phase", [(1, "infer"), (0, "infer"), (2, "profile")])
 def test_stopped_rank_ends_the_job_naming_it(victim, phase, tmp_path):
     # Enough work that the stop lands in inference: 6 prompts of `small` end in ~0.8 s
-    # with the fast kernels, so a stop 0.5 s after prompt 2 could land after the gather,
-    # while rank 0 writes the file and the others wait in MPI_Finalize (not watched).
+    # with the fast kernels, so a stop 0.5 s after prompt 2 could land after the run
+    # (then the phase is 'write', the next test's case).
     job = dict(WORK, runtime={"stall_timeout_s": 5})
     job["workload"] = dict(WORK["workload"], prompts=16, new_tokens=64)
     if phase == "profile":
@@ -151,6 +151,43 @@ def test_stopped_rank_ends_the_job_naming_it(victim, phase, tmp_path):
     assert err.count("stall:") == 1, err
     assert f"stall: rank {victim} (host {socket.gethostname()})" in err
     assert f"in phase '{phase}'" in err and "Traceback" not in err
+    assert not h5_files(tmp_path)
+
+
+def _stopped_pid(run: Job, rank: int, timeout: float = 120) -> int:
+    """Wait until `rank` of the job is in the stopped state (T); its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.proc.poll() is None, run.stderr
+        with contextlib.suppress(IndexError, KeyError, StopIteration, OSError):
+            pid = run.ranks()[rank]
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} not stopped in {timeout} s")
+
+
+def test_rank_0_stopped_while_writing_the_results_ends_the_job(tmp_path, monkeypatch):
+    # The last moment of a run: every rank has gathered, rank 0 is about to write. The
+    # failpoint stops it there (SIGSTOP), a window of ~0.1 s too short to hit from outside.
+    monkeypatch.setenv("EDGESHARD_FAILPOINT", "stop-before-write")
+    job = dict(WORK, runtime={"stall_timeout_s": 5})
+    job["workload"] = dict(WORK["workload"], prompts=1, new_tokens=4)
+    run = Job(3, write(tmp_path, job))
+    pid = None
+    try:
+        pid = _stopped_pid(run, 0)
+        t_stop = time.monotonic()
+        rc = run.finish(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(pid, signal.SIGCONT)
+    assert rc != 0
+    assert run.t_end - t_stop <= 5 + 10, run.t_end - t_stop
+    err = run.stderr
+    assert err.count("stall:") == 1, err
+    assert f"stall: rank 0 (host {socket.gethostname()})" in err
+    assert "in phase 'write'" in err and "Traceback" not in err
     assert not h5_files(tmp_path)
 
 
