@@ -309,66 +309,69 @@ def eval_job(job_path: str) -> int:
     except Exception:
         print(f"[rank {tp.rank}] internal error:\n{traceback.format_exc()}", file=sys.stderr)
         raise
-    tp.quiet_barrier()
-    wd.stop()
-    if tp.rank != 0:
-        return 0
-    attrs = {
-        "name": job.name,
-        "job": job.text,
-        "model_source": job.model.source,
-        "dtype": job.model.dtype,
-        "kernels": job.runtime.kernels,
-        "wire": job.transport.wire,
-        "plan": plan.describe(),
-        "ranks": tp.size,
-        "emulation": emulation,
-        "dataset": str(job.eval.dataset),
-        "tokenizer": tok_name,
-        "text_tokens": len(ids),  # with max_windows: of the prefix read (_needed_text)
-        "window": window,
-        "stride": stride,
-        "windows": len(wins),
-    }
-    data = {
-        "windows": (wins, "tokens", "begin, end, scored tokens of each window"),
-    }
-    for w in wires:
-        total, count = nll[w].sum(axis=0)[:2]
-        ppl = math.exp(total / count)
-        key = "" if w == mine else "_exact"
-        if w == "ce-collm":  # third column: tokens scored by the exit head
-            attrs["exit_rate"] = float(nll[w][:, 2].sum() / count)
-            attrs["threshold"] = job.ce_collm.threshold
-            attrs["standalone"] = job.ce_collm.standalone
-        attrs[f"perplexity{key}"] = ppl
-        attrs[f"nll_per_token{key}"] = total / count
-        attrs[f"tokens_scored{key}"] = int(count)
-        attrs[f"eval_s{key}"] = seconds[w]
-        attrs[f"bytes_sent{key}"] = int(sum(sent[w]))
-        data[f"nll_{w}"] = (nll[w], "nats, tokens", f"per window: summed NLL, tokens ({w})")
-        log.info(
-            f"perplexity (wire {w}): {ppl:.6f} over {int(count)} tokens, {len(wins)} "
-            f"windows of {window} (stride {stride}), {sum(sent[w]) / 1e6:.3f} MB sent, "
-            f"{seconds[w]:.2f} s"
-        )
-    if gen:
-        agree = agreement(gen["exact"], gen[mine])
-        attrs |= agree
-        data["prompt_ids"] = (prompts.ids, "token ids", "the prompts generated from")
-        for w, toks in gen.items():
-            data[f"generated_{w}"] = (toks, "token ids", f"greedy tokens, wire {w}")
-        log.info(
-            f"agreement with exact ({job.workload.prompts} prompts x "
-            f"{job.workload.new_tokens} tokens): {agree['token_agreement']:.1%} of tokens, "
-            f"{agree['prefix_agreement']:.1%} before the first difference"
-        )
-    from .outfiles import OutputError
-
+    watchdog.phase("write")  # watched: a rank 0 stopped while writing ends the job
     try:
-        written = write_eval(out, {"attrs": attrs, "data": data})
-    except OutputError as e:
-        log.error(f"results not written: {e.strerror}")
-        return EXIT_USER_ERROR
-    log.info(f"wrote {written}")
-    return 0
+        if tp.rank != 0:
+            return 0
+        attrs = {
+            "name": job.name,
+            "job": job.text,
+            "model_source": job.model.source,
+            "dtype": job.model.dtype,
+            "kernels": job.runtime.kernels,
+            "wire": job.transport.wire,
+            "plan": plan.describe(),
+            "ranks": tp.size,
+            "emulation": emulation,
+            "dataset": str(job.eval.dataset),
+            "tokenizer": tok_name,
+            "text_tokens": len(ids),  # with max_windows: of the prefix read (_needed_text)
+            "window": window,
+            "stride": stride,
+            "windows": len(wins),
+        }
+        data = {
+            "windows": (wins, "tokens", "begin, end, scored tokens of each window"),
+        }
+        for w in wires:
+            total, count = nll[w].sum(axis=0)[:2]
+            ppl = math.exp(total / count)
+            key = "" if w == mine else "_exact"
+            if w == "ce-collm":  # third column: tokens scored by the exit head
+                attrs["exit_rate"] = float(nll[w][:, 2].sum() / count)
+                attrs["threshold"] = job.ce_collm.threshold
+                attrs["standalone"] = job.ce_collm.standalone
+            attrs[f"perplexity{key}"] = ppl
+            attrs[f"nll_per_token{key}"] = total / count
+            attrs[f"tokens_scored{key}"] = int(count)
+            attrs[f"eval_s{key}"] = seconds[w]
+            attrs[f"bytes_sent{key}"] = int(sum(sent[w]))
+            data[f"nll_{w}"] = (nll[w], "nats, tokens", f"per window: summed NLL, tokens ({w})")
+            log.info(
+                f"perplexity (wire {w}): {ppl:.6f} over {int(count)} tokens, {len(wins)} "
+                f"windows of {window} (stride {stride}), {sum(sent[w]) / 1e6:.3f} MB sent, "
+                f"{seconds[w]:.2f} s"
+            )
+        if gen:
+            agree = agreement(gen["exact"], gen[mine])
+            attrs |= agree
+            data["prompt_ids"] = (prompts.ids, "token ids", "the prompts generated from")
+            for w, toks in gen.items():
+                data[f"generated_{w}"] = (toks, "token ids", f"greedy tokens, wire {w}")
+            log.info(
+                f"agreement with exact ({job.workload.prompts} prompts x "
+                f"{job.workload.new_tokens} tokens): {agree['token_agreement']:.1%} of tokens, "
+                f"{agree['prefix_agreement']:.1%} before the first difference"
+            )
+        from .outfiles import OutputError
+
+        try:
+            written = write_eval(out, {"attrs": attrs, "data": data})
+        except OutputError as e:
+            log.error(f"results not written: {e.strerror}")
+            return EXIT_USER_ERROR
+        log.info(f"wrote {written}")
+        return 0
+    finally:
+        tp.quiet_barrier()
+        wd.stop()

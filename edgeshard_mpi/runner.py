@@ -370,18 +370,22 @@ def profile_job(job_path: str, out_path: str | None) -> int:
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
-    wd.stop()
-    if tp.rank == 0:
-        from .outfiles import OutputError
+    watchdog.phase("write")  # watched, as run_job's write
+    try:
+        if tp.rank == 0:
+            from .outfiles import OutputError
 
-        path = Path(out_path) if out_path else out.with_suffix(".profile.json")
-        try:
-            path = prof.save(path, rename_ok=not out_path)
-        except OutputError as e:
-            log.error(f"profile not written: {e.strerror}")
-            return EXIT_USER_ERROR
-        log.info(f"wrote {path}")
-    return 0
+            path = Path(out_path) if out_path else out.with_suffix(".profile.json")
+            try:
+                path = prof.save(path, rename_ok=not out_path)
+            except OutputError as e:
+                log.error(f"profile not written: {e.strerror}")
+                return EXIT_USER_ERROR
+            log.info(f"wrote {path}")
+        return 0
+    finally:
+        tp.quiet_barrier()
+        wd.stop()
 
 
 def finish(status: int) -> None:
