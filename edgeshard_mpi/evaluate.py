@@ -236,7 +236,7 @@ def eval_job(job_path: str) -> int:
 
     from .comm import Transport
     from .planning import plan_step, profile_step
-    from .runner import load_stages, start_watchdog
+    from .runner import load_stages, start_watchdog, watched_write
     from .startup import (
         EXIT_USER_ERROR,
         Log,
@@ -309,8 +309,7 @@ def eval_job(job_path: str) -> int:
     except Exception:
         print(f"[rank {tp.rank}] internal error:\n{traceback.format_exc()}", file=sys.stderr)
         raise
-    watchdog.phase("write")  # watched: a rank 0 stopped while writing ends the job
-    try:
+    with watched_write(tp, wd):  # a rank 0 stopped while writing ends the job
         if tp.rank != 0:
             return 0
         attrs = {
@@ -372,6 +371,3 @@ def eval_job(job_path: str) -> int:
             return EXIT_USER_ERROR
         log.info(f"wrote {written}")
         return 0
-    finally:
-        tp.quiet_barrier()
-        wd.stop()

@@ -9,6 +9,7 @@ and every rank exits with status 2 after finalizing MPI: no hang, no traceback, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -158,6 +159,20 @@ def start_watchdog(tp):
     return wd
 
 
+@contextlib.contextmanager
+def watched_write(tp, wd):
+    """Rank 0 writes the job's file inside this block while the others wait for it in a
+    sleeping barrier, every watchdog still on: a rank 0 stopped while it writes ends the job
+    (exit 3, phase 'write') instead of leaving every rank in MPI_Finalize. Only after the
+    barrier do the watchdogs stop, so none of them pings a rank that has left."""
+    watchdog.phase("write")
+    try:
+        yield
+    finally:
+        tp.quiet_barrier()
+        wd.stop()
+
+
 def _open_resume(path: str | None, tp):
     """--resume JOURNAL: rank 0 reads the killed run's journal (None elsewhere)."""
     from .resume import Journal, ResumeError, journal_path, output_of
@@ -254,12 +269,7 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
     watchdog.phase("gather")
     results = tp.gather(res)
     hosts = tp.gather(devices[tp.rank].host)
-    # The watchdogs stay on until rank 0 has written the file: the others wait for it in a
-    # sleeping barrier, so a rank 0 stopped while it writes ends the job (exit 3, naming
-    # phase 'write') instead of leaving every rank in MPI_Finalize. Only after the barrier
-    # may a watchdog stop: then none of them pings a rank that has left.
-    watchdog.phase("write")
-    try:
+    with watched_write(tp, wd):
         if tp.rank != 0:
             return 0
         failpoint("stop-before-write")
@@ -326,10 +336,6 @@ def run_job(job_path: str, resume: str | None = None, exclude: tuple[str, ...] =
         log.info(f"wrote {written}{taken}")
         return 0
 
-    finally:
-        tp.quiet_barrier()
-        wd.stop()
-
 
 def failpoint(name: str) -> None:
     """EDGESHARD_FAILPOINT=NAME stops this process (SIGSTOP) at the point called NAME: how
@@ -370,8 +376,7 @@ def profile_job(job_path: str, out_path: str | None) -> int:
         for line in str(e).splitlines():
             log.error(line)
         return EXIT_USER_ERROR
-    watchdog.phase("write")  # watched, as run_job's write
-    try:
+    with watched_write(tp, wd):
         if tp.rank == 0:
             from .outfiles import OutputError
 
@@ -383,9 +388,6 @@ def profile_job(job_path: str, out_path: str | None) -> int:
                 return EXIT_USER_ERROR
             log.info(f"wrote {path}")
         return 0
-    finally:
-        tp.quiet_barrier()
-        wd.stop()
 
 
 def finish(status: int) -> None:
