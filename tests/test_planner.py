@@ -288,6 +288,23 @@ def with_types(rng, prof: Profile, copies: int) -> Profile:
     )
 
 
+def near_alike(rng, prof: Profile) -> Profile:
+    """with_types' copies made distinct: every device's unit times scaled by U(0.95, 1.05),
+    links by the same per pair (the tie-break's clusters then hold several devices)."""
+    from dataclasses import replace
+
+    prof = with_types(rng, prof, 2)
+    m, n = prof.n_devices, prof.n_units
+    f = rng.uniform(0.95, 1.05, (m, n))
+    g = rng.uniform(0.95, 1.05, (m, m))
+    return replace(
+        prof,
+        prefill_s=prof.prefill_s * f[None],
+        decode_s=prof.decode_s * f[None],
+        latency_s=prof.latency_s * g,
+    )
+
+
 def partly_capable(rng, prof: Profile) -> Profile:
     """Some devices cannot run some middle units (blocked, as a device without an expert's
     kernel would be)."""
@@ -345,17 +362,22 @@ def test_furthest_reach_probe_is_sound_and_complete_where_it_says(inst, holes):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances, st.sampled_from(["plain", "holes", "types"]))
+@given(instances, st.sampled_from(["plain", "holes", "types", "alike"]))
 def test_throughput_ties_go_to_the_least_latency(inst, kind):
-    """Also with devices that can run some units but not others (holes), and with alike
-    devices counted per type (types)."""
+    """Also with devices that can run some units but not others (holes), with alike
+    devices counted per type (types), and near-alike distinct ones (the label DP's
+    clusters hold several devices)."""
     seed, m, n, tight, heads, strategy = inst
     rng = np.random.default_rng(seed)
     prof = random_profile(
-        rng, max(m, 3) if kind == "types" else m, n, tight=tight, head_holders=heads
+        rng, max(m, 3) if kind in ("types", "alike") else m, n, tight=tight, head_holders=heads
     )
-    if kind != "plain":
-        prof = with_types(rng, prof, 2) if kind == "types" else partly_capable(rng, prof)
+    if kind == "types":
+        prof = with_types(rng, prof, 2)
+    elif kind == "alike":
+        prof = near_alike(rng, prof)
+    elif kind == "holes":
+        prof = partly_capable(rng, prof)
     prob = make_problem(prof, strategy=strategy)
     best, _ = brute(prob, "throughput")
     if not np.isfinite(best):
@@ -378,6 +400,47 @@ def test_throughput_ties_go_to_the_least_latency(inst, kind):
     plan = exact_throughput(prob)
     assert plan.info["tie_break_exact"]
     assert evaluate(plan, prob).latency_s == pytest.approx(least, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances, st.sampled_from(["plain", "holes", "alike"]), st.sampled_from([10**7, 250]))
+def test_count_bound_is_below_every_chains_rest(inst, kind, max_states):
+    """The tie-break's pruning bound (tiebound.py), at every prefix of every chain within
+    a candidate bottleneck: at most what the chain still adds (also with clusters
+    coarsened to one, and with devices that cannot run some units)."""
+    from edgeshard_mpi.planner import exact
+    from edgeshard_mpi.planner.tiebound import CountBound
+
+    seed, m, n, tight, heads, strategy = inst
+    rng = np.random.default_rng(seed)
+    prof = random_profile(rng, max(m, 3), n, tight=tight, head_holders=heads)
+    prof = {"holes": partly_capable, "alike": near_alike}.get(kind, lambda r, p: p)(rng, prof)
+    ins = exact.build(make_problem(prof, strategy=strategy), collapse=False)
+    seg, hop, ret, n1 = ins.seg, ins.hop, ins.ret, ins.n + 1
+    for lim in exact._candidates(ins)[::4]:
+        ends = np.where(seg <= lim, np.arange(n1)[None, None, :], -1).max(axis=2)
+        far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
+        cb = CountBound(seg, hop, ret, 0, lim, far, max_states)
+        if not cb.ok:
+            continue
+        others = range(1, len(ins.counts))
+        for k in range(min(len(others), n - 1) + 1):
+            for seq in itertools.permutations(others, k):
+                chain = [0, *seq]
+                for cuts in itertools.combinations(range(1, n), len(chain) - 1):
+                    b = [0, *cuts, n]
+                    parts = [seg[d, b[i], b[i + 1]] for i, d in enumerate(chain)]
+                    parts += [hop[b[i + 1], d, chain[i + 1]] for i, d in enumerate(chain[:-1])]
+                    parts.append(ret[chain[-1]])
+                    if max(parts) > lim:
+                        continue
+                    for i in range(len(chain) - 1):
+                        rest = sum(seg[d, b[j], b[j + 1]] for j, d in enumerate(chain) if j > i)
+                        rest += sum(hop[b[j + 1], chain[j], chain[j + 1]] for j in range(i, k))
+                        rest += ret[chain[-1]]
+                        S = np.array([sum(1 << d for d in chain[: i + 1])])
+                        got = cb.bound(S, np.array([chain[i]]), np.array([b[i + 1]]))[0]
+                        assert got <= rest * (1 + 1e-12) + 1e-15, (chain, b, i)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,8 +6,12 @@ latency so far), one per (S, k, e), the least. Labels that cannot lead to a plan
 dropped before they are expanded:
 - the units left exceed what the devices outside S can hold within the limit (each at
   most its longest feasible range);
-- their latency plus a lower bound on the rest (the same DP with devices allowed to
-  recur, per cut and last device: polynomial) is no better than a plan already known.
+- their latency plus a lower bound on the rest is no better than a plan already known.
+  The bound is the larger of two: the same DP with devices allowed to recur (per cut and
+  last device), and a DP that counts the devices left per cluster of similar devices
+  (tiebound.py, per cut, last device and counts left). The second is what makes 20
+  distinct devices tractable: letting devices recur, the cloud runs range after range
+  and most hops vanish from the bound.
 What survives is exact (nothing dropped could beat the answer). The labels are counted
 as they are made; past the caller's memory or time budget the search stops and says so
 (None), and the caller keeps its plan, labelled as such.
@@ -21,6 +25,7 @@ import time
 import numpy as np
 
 from .reach import _subset_sums
+from .tiebound import CountBound
 
 INF = np.inf
 LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
@@ -57,6 +62,17 @@ def least_latency(
     cap = (far - np.arange(n1)[None, :]).max(axis=1).astype(np.int64)
     left_cap = _subset_sums(cap)[::-1]  # [S]: what the devices outside S can hold
     after = tail_bound(seg, hop, ret, limit)
+    count = CountBound(seg, hop, ret, src, limit, far)
+
+    def rest(S, k, e):
+        """A lower bound on what a label still adds: the larger of the two bounds."""
+        b = after[e, k]
+        if count.ok:
+            open_ = e < n
+            b = b.copy()
+            b[open_] = np.maximum(b[open_], count.bound(S[open_], k[open_], e[open_]))
+        return b
+
     hop_ok = hop <= limit
     ret_ok = ret <= limit
     made, made_last, live_last, stored = 0, 0, 1, 0
@@ -78,7 +94,7 @@ def least_latency(
             i = int(np.argmin(v))
             if v[i] < best + slack:
                 best, best_at = float(v[i]), (level, int(np.flatnonzero(fin)[i]))
-        live = (e < n) & (e + left_cap[S] >= n) & (L + after[e, k] < best + slack)
+        live = (e < n) & (e + left_cap[S] >= n) & (L + rest(S, k, e) < best + slack)
         idx = np.flatnonzero(live)
         if len(idx) == 0:
             break
@@ -100,7 +116,7 @@ def least_latency(
             hi = min(lo + chunk, len(idx))
             if hi < len(idx):
                 hi = max(int(np.searchsorted(sets, sets[hi - 1], side="right")), lo + 1)
-            got = _expand(idx[lo:hi], S, k, e, L, m, n1, far, hop, seg, hop_ok, after, best + slack)
+            got = _expand(idx[lo:hi], S, k, e, L, m, n1, far, hop, seg, hop_ok, rest, best + slack)
             lo = hi
             if got is None:
                 continue
@@ -127,7 +143,7 @@ def least_latency(
     return best, path[::-1]
 
 
-def _expand(idx, S, k, e, L, m, n1, far, hop, seg, hop_ok, after, bound):
+def _expand(idx, S, k, e, L, m, n1, far, hop, seg, hop_ok, rest, bound):
     """The labels one more device makes from labels idx (whole sets), one per (S, k, e):
     the least latency; None if none. Returns (S, k, e, L, parent, made)."""
     parts = []
@@ -142,10 +158,9 @@ def _expand(idx, S, k, e, L, m, n1, far, hop, seg, hop_ok, after, bound):
         xe = np.repeat(x, lens)
         ee = xe + 1 + np.arange(len(rep)) - np.repeat(np.cumsum(lens) - lens, lens)
         nl = L[rep] + hop[xe, k[rep], j] + seg[j, xe, ee]
-        keep = nl + after[ee, j] < bound
-        parts.append(
-            (S[rep[keep]] | (1 << j), np.full(int(keep.sum()), j), ee[keep], nl[keep], rep[keep])
-        )
+        s2 = S[rep] | (1 << j)
+        keep = nl + rest(s2, np.full(len(rep), j), ee) < bound
+        parts.append((s2[keep], np.full(int(keep.sum()), j), ee[keep], nl[keep], rep[keep]))
     if not parts:
         return None
     S2, k2, e2, L2, p2 = (np.concatenate(a) for a in zip(*parts, strict=True))
