@@ -50,7 +50,7 @@ def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
     fast_linears = [m for m in fast.modules() if isinstance(m, FastLinear)]
     # Every projection and the head are swapped; nothing is left on the slow layout.
     assert len(fast_linears) == 7 * spec.num_layers + 1
-    assert not any(type(m) is nn.Linear for m in fast.modules())
+    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
     assert fast.weight_bytes() == exact.weight_bytes()  # no second copy
     # Read every tensor back through the modules and compare with the file itself.
     with safe_open(str(shared_data / "stories260K-hf" / "model.safetensors"), "pt") as f:
@@ -144,7 +144,7 @@ def test_a_weight_shared_by_two_modules_keeps_its_layout():
     m.embed, m.head, m.proj = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False), nn.Linear(4, 4)
     m.head.weight = m.embed.weight
     apply_kernels(m, "fast")
-    assert type(m.head) is nn.Linear and m.head.weight is m.embed.weight
+    assert isinstance(m.head, nn.Linear) and m.head.weight is m.embed.weight
     assert isinstance(m.proj, FastLinear)
     x = torch.randn(3, 4)
     assert torch.allclose(m.proj(x), x @ m.proj.weight.T + m.proj.bias)
