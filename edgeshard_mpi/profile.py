@@ -318,6 +318,17 @@ def measure_links(tp, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
 # -- the whole cluster ---------------------------------------------------------------------
 
 
+def _wake(spec, source, dtype, device, me, cold: bool, kernels: str) -> float:
+    """An emulated device's wake-up cost per stage call (seqprofile.wake_cost); 0 on real
+    hardware, where it is not measured yet."""
+    if emulation.MODE == "none":
+        return 0.0
+    from .seqprofile import wake_cost
+
+    flush = CacheFlusher(cold and getattr(device, "type", "cpu") == "cpu")
+    return wake_cost(spec, source, dtype, device, me.memory_budget, flush, kernels)
+
+
 def profile_cluster(
     tp,
     spec: ModelSpec,
@@ -369,10 +380,11 @@ def profile_cluster(
                         kernels=kernels,
                         method=method,
                     )
+                    wake = _wake(spec, source, dtype, device, me, cold, kernels)
+                    result = (*result, np.array([wake]))
                 except CheckpointError as e:  # every rank must still reach the barriers
                     result = f"[rank {tp.rank}] {e}"
-            req = host_comm.Ibarrier()
-            tp.sleep_wait(req)
+            tp.quiet_wait(host_comm.Ibarrier())  # not sleep_wait: see quiet_wait
         runs.append(result)
     host_comm.Free()
     bad = [r for r in runs if isinstance(r, str)]
@@ -386,8 +398,14 @@ def profile_cluster(
         raise CheckpointError("; ".join(failed))
     log(f"profiled {spec.n_units} units on {tp.size} ranks in {time.perf_counter() - t0:.1f} s")
     t1 = time.perf_counter()
-    lat, bw = measure_links(tp, link_repeats)
+    link_lat, bw = measure_links(tp, link_repeats)
     log(f"measured {tp.size * (tp.size - 1)} links in {time.perf_counter() - t1:.1f} s")
+    # A hop also wakes its receiver: its next stage call costs more than a profiled one
+    # (seqprofile.wake_cost); charged with the hop, once per stage call as the run pays it.
+    wake = np.array([float(t[2][0]) for t in times])
+    lat = link_lat + wake[None, :] * (1.0 - np.eye(tp.size))
+    if wake.any():
+        log("wake-up cost per stage call (ms): " + " ".join(f"{w * 1e3:.2f}" for w in wake))
     n = spec.n_units
     act = np.array([spec.hidden_size * DTYPE_BYTES[dtype]] * (n - 1) + [TOKEN_BYTES], float)
     return Profile(
@@ -418,5 +436,7 @@ def profile_cluster(
             "threads": [d.threads for d in devices],
             "kernels": kernels,
             "method": method,
+            "wake_s": wake.tolist(),
+            "link_latency_s": link_lat.tolist(),
         },
     )

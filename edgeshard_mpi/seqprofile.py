@@ -180,3 +180,59 @@ def measure_groups(
             del stage
         if log is not None:
             log(f"units {group[0]}..{group[-1]} timed in sequence passes")
+
+
+# -- the cost of waking up ------------------------------------------------------------------
+
+WAKE_GAP_S = 0.02
+"""How long a stage waits for its input in the wake-up measurement: a run's stage waits
+for the rest of the token's chain, 10-40 ms on the testbeds."""
+WAKE_CALLS = 8
+
+
+def _idle(seconds: float) -> None:
+    """Wait as the run's receive does (comm.Transport.sleep_wait: polls 20 us apart,
+    backing off to 100 us), so the host runs its other work meanwhile."""
+    end = time.perf_counter() + seconds
+    delay = 20e-6
+    while time.perf_counter() < end:
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-4)
+
+
+def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: str) -> float:
+    """Charged seconds a stage call costs more after waiting WAKE_GAP_S for its input, as
+    every stage of a multi-stage run does once per token, than right after a cache flush,
+    as the sequence pass times it. Measured (mini-7b, one layer, CPU time): 0.33 ms back to
+    back, 0.66 after a flush, 0.93 / 1.43 after sleeping 5 / 40 ms, 1.09 after spinning
+    40 ms (other work on the host evicts what a flush leaves: predictors, TLB, the other
+    core's caches after a migration); so a run over k stages paid about k x 1 ms of CPU
+    per token (x 1/share on a dilated device) that a profile of units did not see. The
+    planner charges it with the hop into the device (profile.py adds it to latency_s)."""
+    unit = 1 if spec.n_units > 2 else 0
+    if spec.unit_weight_bytes(unit, dtype) > budget / 2:
+        return 0.0
+    stage = load_stage(spec, unit, unit + 1, dtype, device, source, kernels)
+    prompt, calls = 8, 2 * WAKE_CALLS + 2
+    cache = stage.new_cache(1, prompt + calls + 1)
+    if stage.has_embed:
+        x = torch.randint(3, spec.vocab_size, (1, prompt), device=device)
+    else:
+        x = torch.randn(1, prompt, spec.hidden_size, dtype=stage.dtype, device=device)
+    flushed, woken = [], []
+    with torch.inference_mode():
+        stage(x, cache, position_ids(1, prompt, 0).to(device), first_position(prompt, 0))
+        x = x[:, :1].contiguous()
+        for i in range(calls):
+            waited = i % 2 == 1
+            if waited:
+                _idle(WAKE_GAP_S)
+            else:
+                flush()
+            t0, c0 = time.perf_counter(), emulation.cpu_now()
+            pos = position_ids(1, prompt, i + 1).to(device)
+            stage(x, cache, pos, first_position(prompt, i + 1))
+            _sync(device)
+            (woken if waited else flushed).append(emulation.charged(t0, c0))
+    del stage
+    return max(0.0, float(np.median(woken[1:]) - np.median(flushed[1:])))
