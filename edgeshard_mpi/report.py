@@ -337,6 +337,9 @@ def write_report(paths: list[Path], out: Path) -> Path:
     md += simple(rows, "profiling", "Fig. 10: profiling strategies")
     md += simple(rows, "orders", "Fig. 11: pipeline orders")
     md += predicted_vs_measured(rows)
+    from .report_stages import stages_section
+
+    md += stages_section(paths)
     md += plots(rows, out)
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"

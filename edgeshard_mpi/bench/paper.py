@@ -24,9 +24,9 @@ run will have (1 prefill and new_tokens - 1 decode steps), which is also what th
 prediction is computed under; planning under `average` chose plans the prediction itself
 ranked behind a baseline's.
 
-A profile is measured once per model on the base testbed (and on the NX-source one); a
-bandwidth variant reuses it with the swept link's measured bandwidth scaled by the
-configured ratio (tc shapes that link alone; its measured/configured ratio carries over).
+A profile is measured once per model on the base testbed; a bandwidth variant and the
+NX-source testbed reuse it (paper_profiles.py: the swept link scaled by the configured
+ratio; the same devices reordered, the slow link moved with the source).
 
 With root (and ip, tc, cgroups) the testbed runs in namespaces with tc and cgroups
 ("os"); elsewhere inside the job ("transport"); each HDF5 file says which.
@@ -47,9 +47,9 @@ import tomllib
 from pathlib import Path
 
 from .. import toml_out
-from ..planner.problem import load_profile
 from ..testbed import can_emulate_os, down, launch_argv, load_testbed, up
 from .common import mpiexec_path
+from .paper_profiles import moved_source, scaled_link
 
 STRATEGIES = ("edge-solo", "cloud-edge-even", "cloud-edge-opt", "edgeshard")
 PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
@@ -71,6 +71,7 @@ FULL = {
     "other_bandwidths": (0.081, 0.806, 4.03),
     "order_models": ("mini-7b", "mini-13b"),  # Fig. 11 a-b
     "profiling_model": "mini-13b",  # Fig. 10, as the paper's
+    "source_model": "mini-7b",  # Fig. 9, as the paper's 7B: it fits one AGX, no NX
 }
 SEQUENTIAL_BAND, PIPELINED_BAND = 0.10, 0.15
 """The issue's target for measured / predicted (latency, resp. pipelined throughput)."""
@@ -85,6 +86,11 @@ QUICK = {
     "sweep_models": ("mini-7b",),
     "order_models": ("mini-7b",),
     "profiling_model": "mini-7b",
+    # Fig. 9: the model that fits the source alone, as Llama2-7B fits an AGX in the paper,
+    # so Cloud-Edge-Opt keeps it there at 1 Mb/s (mini-7b fits no edge box of this testbed:
+    # every method then keeps only the embedding on the source, and the source's speed
+    # shows in none of them).
+    "source_model": "small",
 }
 
 
@@ -104,6 +110,7 @@ class Bench:
         self.launched, self.profiling_s = 0, 0.0  # the ETA leaves profiling out
         self.t_start = time.time()
         self.derived: dict[Path, tuple[float, float]] = {}  # variant -> (base, its) Mb/s
+        self.moved: dict[Path, list[int]] = {}  # NX-source variant -> device order
 
     def base_src_cloud_mbps(self) -> float:
         tb = self.base
@@ -140,6 +147,8 @@ class Bench:
         path.write_text(toml_out.dumps(data))
         if src_cloud_mbps is not None and not nx_source:
             self.derived[path.resolve()] = (self.base_src_cloud_mbps(), src_cloud_mbps)
+        if nx_source and src_cloud_mbps is None:
+            self.moved[path.resolve()] = order
         return load_testbed(path)
 
     def use(self, tb) -> None:
@@ -172,8 +181,13 @@ class Bench:
         path = self.out / "profiles" / f"{tb.name}-{model}.json"
         if path.is_file():
             return path
-        if tb.path.resolve() in self.derived:
-            return self._derive(tb, model, path)
+        key = tb.path.resolve()
+        if key in self.derived:  # the same devices, one link scaled (paper_profiles.py)
+            old, new = self.derived[key]
+            return scaled_link(self.profile(self.base, model), path, tb.source, tb.cloud,
+                               old, new)  # fmt: skip
+        if key in self.moved:  # the same devices in another order (Fig. 9's NX source)
+            return moved_source(self.profile(self.base, model), path, self.moved[key])
         self.use(tb)
         job = self._job(tb, model, path.with_suffix(".h5"), {"strategy": "edgeshard"})
         # Warm-up matters here: with 1 warm-up call and 3 repeats a layer of `small` read
@@ -188,22 +202,10 @@ class Bench:
             sys.exit(f"profiling {model} on {tb.name} failed:\n{proc.stdout}\n{proc.stderr}")
         (self.out / "profiles" / f"{tb.name}-{model}.profile.json").replace(path)
         self.profiling_s += time.time() - t0
-        print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s", flush=True)
-        return path
-
-    def _derive(self, tb, model: str, path: Path) -> Path:
-        """A bandwidth variant's profile: the base's, the swept link's bandwidth scaled by
-        configured new / configured base (both directions)."""
-        from dataclasses import replace
-
-        base = load_profile(self.profile(self.base, model))
-        s, c = tb.source, tb.cloud
-        old, new = self.derived[tb.path.resolve()]
-        bw = base.bandwidth.copy()
-        bw[s, c] *= new / old
-        bw[c, s] *= new / old
-        notes = f"{base.notes}; source-cloud link scaled {old:g} -> {new:g} Mb/s"
-        replace(base, bandwidth=bw, notes=notes).save(path, rename_ok=False)
+        parts = [x.split("] ", 1)[-1] for x in proc.stdout.splitlines()
+                 if "profiled " in x or "measured " in x]  # fmt: skip
+        print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s"
+              + (f" ({'; '.join(parts)})" if parts else ""), flush=True)  # fmt: skip
         return path
 
     def _job(self, tb, model: str, out: Path, partition: dict, pipeline: dict | None = None):
@@ -345,12 +347,12 @@ class Bench:
 
     def source(self) -> None:
         tb = self.variant("nx-source", nx_source=True)
+        model = self.cfg["source_model"]
         for s in STRATEGIES:
             for obj in ("latency", "throughput"):
                 pipe = {"mode": "pipeline"} if obj == "throughput" else None
-                self.run("source", f"{self.cfg['main']}-{s}-{obj}-source-nx", tb,
-                         self.cfg["main"], {"strategy": s, "objective": obj},
-                         pipeline=pipe)  # fmt: skip
+                self.run("source", f"{model}-{s}-{obj}-source-nx", tb, model,
+                         {"strategy": s, "objective": obj}, pipeline=pipe)  # fmt: skip
 
     def profiling(self) -> None:
         tb = self.variant("base")
@@ -363,12 +365,33 @@ class Bench:
                          profile_strategy=ps, pipeline=pipe)  # fmt: skip
 
     def orders(self) -> None:
+        """Fig. 11: each method's no-bubbles run (table4) again in bubbles order, with the
+        same plan, micro-batch size and count in flight, as the paper compares them (left
+        to choose, a bubbles run picks other candidates: the order is then not all that
+        differs)."""
         tb = self.variant("base")
         for model in self.cfg["order_models"]:
             for s in ("cloud-edge-even", "cloud-edge-opt", "edgeshard"):
-                self.run("orders", f"{model}-{s}-bubbles", tb, model,
-                         {"strategy": s, "objective": "throughput"},
-                         pipeline={"mode": "pipeline", "order": "bubbles"})  # fmt: skip
+                part, pipe = {"strategy": s, "objective": "throughput"}, {}
+                same = self.out / "table4" / f"{model}-{s}-throughput.h5"
+                if same.is_file() and not self.counting:
+                    part, pipe = same_schedule(same)
+                self.run("orders", f"{model}-{s}-bubbles", tb, model, part,
+                         pipeline={"mode": "pipeline", "order": "bubbles", **pipe})  # fmt: skip
+
+
+def same_schedule(h5: Path) -> tuple[dict, dict]:
+    """The partition (explicit stages) and micro-batching a finished pipelined run used."""
+    from ..metrics import read_run
+
+    r = read_run(h5)
+    stages = [{"rank": int(k), "layers": [int(a), int(b)]} for k, a, b in r["plan"]["stages"]]
+    pipe = r.get("pipeline", {})
+    return (
+        {"strategy": "explicit", "stages": stages, "objective": "throughput"},
+        {"micro_batches": int(pipe["@micro_batches"]),
+         "micro_batch_size": int(pipe["@micro_batch_size"])},
+    )  # fmt: skip
 
 
 EXPERIMENTS = ("table4", "bandwidth", "source", "profiling", "orders")
@@ -390,7 +413,7 @@ def main(argv=None) -> None:
         cfg["new_tokens"] = args.new_tokens
     if args.models:
         cfg["models"] = tuple(args.models.split(","))
-        cfg["main"] = cfg["profiling_model"] = cfg["models"][0]
+        cfg["main"] = cfg["profiling_model"] = cfg["source_model"] = cfg["models"][0]
         cfg["sweep_models"] = cfg["models"]
         cfg["order_models"] = cfg["models"][:2]
     if args.bandwidths:
