@@ -109,6 +109,10 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
             else:
                 _paper_axis(ax, xs_all)
             ax.grid(alpha=0.3)
+            oom = [LABEL[method(r)] for r in base
+                   if r["model"] == model and r["objective"] == obj and r["status"] != "ok"]
+            if oom:  # the methods the planner refused (the paper plots them as OOM too)
+                ax.plot([], [], " ", label="out of memory: " + ", ".join(oom))
             ax.legend(fontsize=8)
             made.append(_save(fig, out, f"fig{fig_no}{'abc'[i] if i < 3 else i}_{model}.png"))
     return made
@@ -193,6 +197,9 @@ def profiling_figure(plt, rows, out: Path) -> list[str]:
     if not pr:
         return []
     model = pr[0]["model"]
+    if not any(r["profile_strategy"] == "workload" for r in pr):  # the bench reuses table4's
+        pr += _ok([r for r in rows if r["experiment"] == "table4"], model=model,
+                  strategy="edgeshard", profile_strategy="workload")  # fmt: skip
     fig, axes = _figure(plt, f"Fig. 10: {model} EdgeShard under each profiling strategy", pr, 2)
     strategies = ("prefill", "decode", "average", "workload")
     for ax, obj, key, unit in (

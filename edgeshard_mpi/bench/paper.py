@@ -107,8 +107,11 @@ class Bench:
         self.current = None  # the testbed variant that is up (os emulation)
         self.done = self.skipped = 0
         self.counting, self.total, self.seen = False, 0, 0  # a dry pass counts the runs
-        self.launched, self.profiling_s = 0, 0.0  # the ETA leaves profiling out
+        self.launched, self.profiling_s = 0, 0.0
+        self.profiles_todo: set[Path] = set()  # profiles the runs to do will measure
+        self.profiled = 0
         self.t_start = time.time()
+        self.exps: list[str] = list(EXPERIMENTS)
         self.derived: dict[Path, tuple[float, float]] = {}  # variant -> (base, its) Mb/s
         self.moved: dict[Path, list[int]] = {}  # NX-source variant -> device order
 
@@ -193,6 +196,9 @@ class Bench:
         # Warm-up matters here: with 1 warm-up call and 3 repeats a layer of `small` read
         # 0.81-0.87 ms of CPU, with 3 and 5 it read 0.50-0.65, the run's 0.47.
         job["profile"] = {"sample_layers": 2, "warmup": 5, "repeats": 5}
+        # 15 ranks measure 210 links after timing their units, a phase that reports no
+        # progress: under load it outlasted the default 300 s watchdog (mini-70b, load 19).
+        job["runtime"] = {"stall_timeout_s": 1800}
         jpath = path.with_suffix(".toml")
         jpath.parent.mkdir(parents=True, exist_ok=True)
         jpath.write_text(toml_out.dumps(job))
@@ -202,6 +208,7 @@ class Bench:
             sys.exit(f"profiling {model} on {tb.name} failed:\n{proc.stdout}\n{proc.stderr}")
         (self.out / "profiles" / f"{tb.name}-{model}.profile.json").replace(path)
         self.profiling_s += time.time() - t0
+        self.profiled += 1
         parts = [x.split("] ", 1)[-1] for x in proc.stdout.splitlines()
                  if "profiled " in x or "measured " in x]  # fmt: skip
         print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s"
@@ -219,7 +226,7 @@ class Bench:
                 "dataset": "${EDGESHARD_DATA}/wikitext-2-raw-v1/wiki.test.raw",
                 "fallback": "builtin",
                 "prompts": cfg["pipeline_prompts"] if pipelined else cfg["prompts"],
-                "new_tokens": cfg["new_tokens"],
+                "new_tokens": cfg.get("model_new_tokens", {}).get(model, cfg["new_tokens"]),
             },
             "partition": partition,
             "pipeline": pipeline or {},
@@ -233,6 +240,11 @@ class Bench:
         finished = out.is_file() or marker.is_file()
         if self.counting:
             self.total += not finished
+            key = tb.path.resolve()
+            base_tb = tb if key not in self.derived and key not in self.moved else self.base
+            measured = self.out / "profiles" / f"{base_tb.name}-{model}.json"
+            if not finished and not measured.is_file():
+                self.profiles_todo.add(measured)
             return
         if finished:
             self.skipped += 1
@@ -252,9 +264,12 @@ class Bench:
         jpath.write_text(toml_out.dumps(job))
         t0 = time.time()
         spent = t0 - self.t_start
-        # The ETA from the runs launched so far (an offline refusal takes no time).
+        # The ETA from the runs launched so far (an offline refusal takes no time) and the
+        # profiles measured so far (5-6 min each on the paper testbed before the first).
         per_run = (spent - self.profiling_s) / max(self.launched, 1)
-        eta = f"ETA {per_run * (self.total - self.seen + 1) / 60:.0f} min" if (
+        per_prof = self.profiling_s / self.profiled if self.profiled else 330.0
+        left_prof = max(len(self.profiles_todo) - self.profiled, 0) * per_prof
+        eta = f"ETA {(per_run * (self.total - self.seen + 1) + left_prof) / 60:.0f} min" if (
             self.launched) else "ETA after the first run"  # fmt: skip
         self.launched += 1
         print(f"  [{self.seen}/{self.total}, {spent / 60:.0f} min, {eta}] {exp}/{name} ...",
@@ -358,6 +373,8 @@ class Bench:
         tb = self.variant("base")
         model = self.cfg["profiling_model"]
         for ps in PROFILE_STRATEGIES:
+            if ps == "workload" and model in self.cfg["models"] and "table4" in self.exps:
+                continue  # table4's EdgeShard runs are this job (the report takes them)
             for obj in ("latency", "throughput"):
                 pipe = {"mode": "pipeline"} if obj == "throughput" else None
                 self.run("profiling", f"{model}-edgeshard-{obj}-{ps}", tb, model,
@@ -427,7 +444,7 @@ def main(argv=None) -> None:
     bench = Bench(cfg, out, args.emulation, args.timeout)
     print(f"testbed {cfg['testbed']} ({bench.emulation} emulation), results in {out}")
     t0 = time.time()
-    exps = args.only.split(",")
+    exps = bench.exps = args.only.split(",")
     for exp in exps:
         if exp not in EXPERIMENTS:
             sys.exit(f"--only: unknown experiment {exp!r}; choose from {EXPERIMENTS}")
