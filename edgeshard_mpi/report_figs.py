@@ -49,7 +49,8 @@ def _ok(rows, **kw):
 
 
 def _figure(plt, title: str, rows, ncols: int = 1, width: float = 6.0):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.2), squeeze=False)
+    tall = 4.2 + 0.25 * title.count("\n")  # room for a title of more lines
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, tall), squeeze=False)
     emul = sorted({r.get("emulation", "") for r in rows} - {""})
     fig.suptitle(
         f"{title}\nmeasured, {', '.join(emul) or 'no'} emulation; {_load_note(rows)}",
@@ -220,9 +221,9 @@ def orders_figure(plt, rows, out: Path) -> list[str]:
     models = list(dict.fromkeys(r["model"] for r in bub))
     t4 = [r for r in rows if r["experiment"] == "table4"]
     used = bub + _ok(t4, objective="throughput")
-    fig, axes = _figure(plt, "Fig. 11: pipelined throughput, bubbles vs no-bubbles order "
-                        "(each method: the same plan and micro-batches in both)",
-                        used, len(models))  # fmt: skip
+    fig, axes = _figure(plt, "Fig. 11: pipelined throughput, bubbles vs no-bubbles order\n"
+                        "(per method: the same plan and micro-batches in both orders)",
+                        used, len(models), width=max(6.0, 8.0 / len(models)))  # fmt: skip
     methods = ("cloud-edge-even", "cloud-edge-opt", "edgeshard")
     for i, (ax, model) in enumerate(zip(axes, models, strict=True)):
         series = {

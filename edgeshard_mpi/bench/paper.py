@@ -50,6 +50,7 @@ from .. import toml_out
 from ..testbed import can_emulate_os, down, launch_argv, load_testbed, up
 from .common import mpiexec_path
 from .paper_profiles import moved_source, scaled_link
+from .paper_world import BATCH, Item, pending_key, run_batch
 
 STRATEGIES = ("edge-solo", "cloud-edge-even", "cloud-edge-opt", "edgeshard")
 PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
@@ -58,16 +59,18 @@ FULL = {
     "testbed": "paper",
     "models": ("mini-7b", "mini-13b", "mini-70b"),
     "main": "mini-7b",
-    # Sized for the 90-minute budget on a 2-core host: 15 ranks start per run, and an
-    # AGX-like device (0.11 of a core) takes about 0.3 s per mini-7b decode step.
+    # Sized for about 50 minutes on a quiet 2-core host (90 allowed): the runs of one model
+    # on one testbed variant share an MPI launch (15 ranks start once, 40-70 s here), three
+    # profiles of 5-7 min, and tokens cut to what the slowest runs afford: mini-70b
+    # EdgeShard decodes at 3.4 s/token on this testbed (the paper's 70B: 3.1 s).
     "prompts": 1,
     "pipeline_prompts": 4,
-    "new_tokens": 24,
+    "new_tokens": 16,
+    "model_new_tokens": {"mini-70b": 8},
     # The paper's 1, 2, 5, 10, 20, 50 Mb/s source-cloud sweep, times the testbed's scale.
     "bandwidths": (0.081, 0.161, 0.403, 0.806, 1.61, 4.03),
     "sweep_models": ("mini-7b", "mini-13b", "mini-70b"),  # Figs. 7/8 a-c
-    # The main model at every point; the others at the paper's 1, 10 and 50 Mb/s (time:
-    # each run starts 15 ranks, about 40 s on a quiet 2-core host before any token).
+    # The main model at every point; the others at the paper's 1, 10 and 50 Mb/s.
     "other_bandwidths": (0.081, 0.806, 4.03),
     "order_models": ("mini-7b", "mini-13b"),  # Fig. 11 a-b
     "profiling_model": "mini-13b",  # Fig. 10, as the paper's
@@ -110,6 +113,12 @@ class Bench:
         self.launched, self.profiling_s = 0, 0.0
         self.profiles_todo: set[Path] = set()  # profiles the runs to do will measure
         self.profiled = 0
+        # Runs wait here until the model or the testbed variant changes, then share one
+        # MPI launch (paper_world.py); --one-launch-per-run turns that off.
+        self.batch: list[Item] = []
+        self.batch_tb, self.batch_key = None, None
+        self.batched = True
+        self.launches, self.world_s = 0, 0.0
         self.t_start = time.time()
         self.exps: list[str] = list(EXPERIMENTS)
         self.derived: dict[Path, tuple[float, float]] = {}  # variant -> (base, its) Mb/s
@@ -249,9 +258,12 @@ class Bench:
         if finished:
             self.skipped += 1
             return
-        self.seen += 1
+        key = pending_key(tb, model)
+        if self.batch and (key != self.batch_key or kw.get("expect_failure")):
+            self.flush()
         prof = self.profile(tb, model)
         if not kw.get("expect_failure") and self._refused(prof, name, model, partition, marker):
+            self.seen += 1
             self.done += 1
             return
         self.use(tb)
@@ -262,15 +274,16 @@ class Bench:
         jpath = out.with_suffix(".toml")
         jpath.parent.mkdir(parents=True, exist_ok=True)
         jpath.write_text(toml_out.dumps(job))
+        if self.batched and not kw.get("expect_failure"):
+            self.batch.append(Item(exp, name, model, partition, jpath, out))
+            self.batch_tb, self.batch_key = tb, key
+            if len(self.batch) >= BATCH:
+                self.flush()
+            return
+        self.seen += 1
         t0 = time.time()
         spent = t0 - self.t_start
-        # The ETA from the runs launched so far (an offline refusal takes no time) and the
-        # profiles measured so far (5-6 min each on the paper testbed before the first).
-        per_run = (spent - self.profiling_s) / max(self.launched, 1)
-        per_prof = self.profiling_s / self.profiled if self.profiled else 330.0
-        left_prof = max(len(self.profiles_todo) - self.profiled, 0) * per_prof
-        eta = f"ETA {(per_run * (self.total - self.seen + 1) + left_prof) / 60:.0f} min" if (
-            self.launched) else "ETA after the first run"  # fmt: skip
+        eta = self.eta()
         self.launched += 1
         print(f"  [{self.seen}/{self.total}, {spent / 60:.0f} min, {eta}] {exp}/{name} ...",
               end=" ", flush=True)  # fmt: skip
@@ -295,6 +308,24 @@ class Bench:
         else:
             sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         self.done += 1
+
+    def eta(self) -> str:
+        """From the runs finished so far (an offline refusal takes no time) and the
+        profiles measured so far (5-7 min each on the paper testbed before the first)."""
+        if not self.launched:
+            return "ETA after the first run"
+        spent = time.time() - self.t_start
+        per_run = (spent - self.profiling_s) / self.launched
+        per_prof = self.profiling_s / self.profiled if self.profiled else 400.0
+        left_prof = max(len(self.profiles_todo) - self.profiled, 0) * per_prof
+        return f"ETA {(per_run * (self.total - self.seen) + left_prof) / 60:.0f} min"
+
+    def flush(self) -> None:
+        """Run the waiting runs: one world per model and testbed variant."""
+        batch, self.batch = self.batch, []
+        if batch:
+            self.use(self.batch_tb)
+            run_batch(self, self.batch_tb, batch)
 
     def _refused(self, prof: Path, name: str, model: str, partition: dict, marker: Path) -> bool:
         """Does the planner refuse this run already offline (no reserve held back, the
@@ -424,6 +455,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidths", help="comma-separated source-cloud Mb/s (testbed-scaled)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--one-launch-per-run", action="store_true",
+                    help="start the ranks for every run (default: once per model and "
+                    "testbed variant, several runs per MPI launch)")  # fmt: skip
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.new_tokens:
@@ -453,15 +487,18 @@ def main(argv=None) -> None:
         getattr(bench, exp)()
     bench.counting, bench.t_start = False, time.time()
     print(f"{bench.total} run(s) to do", flush=True)
+    bench.batched = not args.one_launch_per_run
     try:
         for exp in exps:
             print(f"{exp}:", flush=True)
             getattr(bench, exp)()
+            bench.flush()
     finally:
         bench.close()
     fidelity(out)
     print(
-        f"{bench.done} run(s) in {time.time() - t0:.0f} s, {bench.skipped} already done; "
+        f"{bench.done} run(s) in {time.time() - t0:.0f} s ({bench.launches} MPI launches of "
+        f"several runs), {bench.skipped} already done; "
         f"report: edgeshard-mpi report {out} --out {out}/report"
     )
 
