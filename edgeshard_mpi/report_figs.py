@@ -28,6 +28,7 @@ LABEL = {
     "edgeshard": "EdgeShard",
     "edgeshard-even": "EdgeShard-Even",
 }
+PANEL = {"mini-7b": "a", "mini-13b": "b", "mini-70b": "c"}
 PAPER_SCALE = 0.0806
 """Testbed Mb/s per paper Mb/s (the paper testbed's link scaling; README)."""
 
@@ -79,13 +80,15 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
         (8, "throughput", "tokens_per_s", "tokens/s (higher is better)"),
     ):
         for i, model in enumerate(models):
+            # the paper's panel for the model it stands for (7B a, 13B b, 70B c)
+            letter = PANEL.get(model, "abc"[i] if i < 3 else str(i))
             pts = _ok(base + sweep, model=model, objective=obj)
             if not pts:
                 continue
             xs_all = sorted({r["src_cloud_mbps"] for r in pts if np.isfinite(r["src_cloud_mbps"])})
             what = "latency" if obj == "latency" else "throughput (pipelined)"
             fig, (ax,) = _figure(
-                plt, f"Fig. {fig_no}{'abc'[i] if i < 3 else i}: {model} {what} vs "
+                plt, f"Fig. {fig_no}{letter}: {model} {what} vs "
                 "source-cloud bandwidth", pts)  # fmt: skip
             for m in METHODS:
                 mine = [r for r in pts if method(r) == m]
@@ -115,7 +118,7 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
             if oom:  # the methods the planner refused (the paper plots them as OOM too)
                 ax.plot([], [], " ", label="out of memory: " + ", ".join(oom))
             ax.legend(fontsize=8)
-            made.append(_save(fig, out, f"fig{fig_no}{'abc'[i] if i < 3 else i}_{model}.png"))
+            made.append(_save(fig, out, f"fig{fig_no}{letter}_{model}.png"))
     return made
 
 
