@@ -60,9 +60,11 @@ bench-steady: install
 bench-slowlinks: install
 	$(BIN)/python -m edgeshard_mpi.bench.slowlinks --out results/bench-slowlinks
 
-# The paper's experiments on the emulated testbed (root: namespaces + tc + cgroups; else
-# emulated inside the jobs). Resumable: finished runs are skipped. A reduced run, e.g.:
-#   make bench BENCH_ARGS="--models mini-7b --bandwidths 0.081,4.03" BENCH_OUT=results/bench-7b
+# The paper's experiments on the 15-device emulated testbed (root: namespaces + tc +
+# cgroups; else emulated inside the jobs): 82 runs, about 50 min on a quiet 2-core host
+# (the runs of one model and testbed variant share an MPI launch). Resumable: finished runs
+# are skipped. A reduced run, e.g.:
+#   make bench BENCH_ARGS="--models mini-13b,mini-70b --bandwidths 0.081,4.03" BENCH_OUT=results/bench-big
 BENCH_ARGS ?=
 BENCH_OUT  ?= results/bench
 bench: install

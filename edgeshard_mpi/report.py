@@ -269,6 +269,11 @@ def simple(rows, experiment: str, title: str) -> list[str]:
     sel = [r for r in rows if r["experiment"] == experiment and r["status"] == "ok"]
     if not sel:
         return []
+    if experiment == "profiling" and not any(r["profile_strategy"] == "workload" for r in sel):
+        # the bench takes table4's EdgeShard runs as the `workload` strategy's (same job)
+        sel += [r for r in rows if r["experiment"] == "table4" and r["status"] == "ok"
+                and r["model"] == sel[0]["model"] and r["strategy"] == "edgeshard"
+                and r["profile_strategy"] == "workload"]  # fmt: skip
     body = [
         [r["run"], r["latency_ms_per_token"], r["tokens_per_s"], r["predicted_ms_per_token"],
          r["predicted_tokens_per_s"], r["plan"][:60]]
@@ -337,6 +342,9 @@ def write_report(paths: list[Path], out: Path) -> Path:
     md += simple(rows, "profiling", "Fig. 10: profiling strategies")
     md += simple(rows, "orders", "Fig. 11: pipeline orders")
     md += predicted_vs_measured(rows)
+    from .report_stages import stages_section
+
+    md += stages_section(paths)
     md += plots(rows, out)
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"

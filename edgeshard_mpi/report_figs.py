@@ -28,6 +28,7 @@ LABEL = {
     "edgeshard": "EdgeShard",
     "edgeshard-even": "EdgeShard-Even",
 }
+PANEL = {"mini-7b": "a", "mini-13b": "b", "mini-70b": "c"}
 PAPER_SCALE = 0.0806
 """Testbed Mb/s per paper Mb/s (the paper testbed's link scaling; README)."""
 
@@ -49,7 +50,8 @@ def _ok(rows, **kw):
 
 
 def _figure(plt, title: str, rows, ncols: int = 1, width: float = 6.0):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.2), squeeze=False)
+    tall = 4.2 + 0.25 * title.count("\n")  # room for a title of more lines
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, tall), squeeze=False)
     emul = sorted({r.get("emulation", "") for r in rows} - {""})
     fig.suptitle(
         f"{title}\nmeasured, {', '.join(emul) or 'no'} emulation; {_load_note(rows)}",
@@ -78,13 +80,15 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
         (8, "throughput", "tokens_per_s", "tokens/s (higher is better)"),
     ):
         for i, model in enumerate(models):
+            # the paper's panel for the model it stands for (7B a, 13B b, 70B c)
+            letter = PANEL.get(model, "abc"[i] if i < 3 else str(i))
             pts = _ok(base + sweep, model=model, objective=obj)
             if not pts:
                 continue
             xs_all = sorted({r["src_cloud_mbps"] for r in pts if np.isfinite(r["src_cloud_mbps"])})
             what = "latency" if obj == "latency" else "throughput (pipelined)"
             fig, (ax,) = _figure(
-                plt, f"Fig. {fig_no}{'abc'[i] if i < 3 else i}: {model} {what} vs "
+                plt, f"Fig. {fig_no}{letter}: {model} {what} vs "
                 "source-cloud bandwidth", pts)  # fmt: skip
             for m in METHODS:
                 mine = [r for r in pts if method(r) == m]
@@ -109,8 +113,12 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
             else:
                 _paper_axis(ax, xs_all)
             ax.grid(alpha=0.3)
+            oom = [LABEL[method(r)] for r in base
+                   if r["model"] == model and r["objective"] == obj and r["status"] != "ok"]
+            if oom:  # the methods the planner refused (the paper plots them as OOM too)
+                ax.plot([], [], " ", label="out of memory: " + ", ".join(oom))
             ax.legend(fontsize=8)
-            made.append(_save(fig, out, f"fig{fig_no}{'abc'[i] if i < 3 else i}_{model}.png"))
+            made.append(_save(fig, out, f"fig{fig_no}{letter}_{model}.png"))
     return made
 
 
@@ -146,7 +154,12 @@ def _bars(ax, groups: list[str], series: dict[str, list], unit: str) -> None:
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.set_xticks(x, groups, fontsize=8)
     ax.set_ylabel(unit)
-    ax.legend(fontsize=8)
+    # Headroom above the tallest bar and the legend in a row at the top, so that no value
+    # label sits under the legend (a corner legend hid one in Fig. 10).
+    top = max((v for vals in series.values() for v in vals
+               if isinstance(v, float) and np.isfinite(v)), default=1.0)  # fmt: skip
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=max(n, 1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -188,6 +201,9 @@ def profiling_figure(plt, rows, out: Path) -> list[str]:
     if not pr:
         return []
     model = pr[0]["model"]
+    if not any(r["profile_strategy"] == "workload" for r in pr):  # the bench reuses table4's
+        pr += _ok([r for r in rows if r["experiment"] == "table4"], model=model,
+                  strategy="edgeshard", profile_strategy="workload")  # fmt: skip
     fig, axes = _figure(plt, f"Fig. 10: {model} EdgeShard under each profiling strategy", pr, 2)
     strategies = ("prefill", "decode", "average", "workload")
     for ax, obj, key, unit in (
@@ -208,13 +224,15 @@ def orders_figure(plt, rows, out: Path) -> list[str]:
     models = list(dict.fromkeys(r["model"] for r in bub))
     t4 = [r for r in rows if r["experiment"] == "table4"]
     used = bub + _ok(t4, objective="throughput")
-    fig, axes = _figure(plt, "Fig. 11: pipelined throughput, bubbles vs no-bubbles order",
-                        used, len(models))  # fmt: skip
+    fig, axes = _figure(plt, "Fig. 11: pipelined throughput, bubbles vs no-bubbles order\n"
+                        "(per method: the same plan and micro-batches in both orders)",
+                        used, len(models), width=max(6.0, 8.0 / len(models)))  # fmt: skip
     methods = ("cloud-edge-even", "cloud-edge-opt", "edgeshard")
     for i, (ax, model) in enumerate(zip(axes, models, strict=True)):
         series = {
-            "bubbles order": [
-                _value(bub, "tokens_per_s", model=model, strategy=m) for m in methods],
+            "bubbles order": [  # by name: the run has the no-bubbles run's explicit plan
+                _value(bub, "tokens_per_s", model=model, run=f"{model}-{m}-bubbles")
+                for m in methods],
             "no-bubbles order": [
                 _value(t4, "tokens_per_s", model=model, strategy=m, objective="throughput")
                 for m in methods],

@@ -24,9 +24,9 @@ run will have (1 prefill and new_tokens - 1 decode steps), which is also what th
 prediction is computed under; planning under `average` chose plans the prediction itself
 ranked behind a baseline's.
 
-A profile is measured once per model on the base testbed (and on the NX-source one); a
-bandwidth variant reuses it with the swept link's measured bandwidth scaled by the
-configured ratio (tc shapes that link alone; its measured/configured ratio carries over).
+A profile is measured once per model on the base testbed; a bandwidth variant and the
+NX-source testbed reuse it (paper_profiles.py: the swept link scaled by the configured
+ratio; the same devices reordered, the slow link moved with the source).
 
 With root (and ip, tc, cgroups) the testbed runs in namespaces with tc and cgroups
 ("os"); elsewhere inside the job ("transport"); each HDF5 file says which.
@@ -47,9 +47,10 @@ import tomllib
 from pathlib import Path
 
 from .. import toml_out
-from ..planner.problem import load_profile
 from ..testbed import can_emulate_os, down, launch_argv, load_testbed, up
 from .common import mpiexec_path
+from .paper_profiles import moved_source, scaled_link
+from .paper_world import BATCH, Item, pending_key, run_batch
 
 STRATEGIES = ("edge-solo", "cloud-edge-even", "cloud-edge-opt", "edgeshard")
 PROFILE_STRATEGIES = ("prefill", "decode", "average", "workload")
@@ -58,19 +59,22 @@ FULL = {
     "testbed": "paper",
     "models": ("mini-7b", "mini-13b", "mini-70b"),
     "main": "mini-7b",
-    # Sized for the 90-minute budget on a 2-core host: 15 ranks start per run, and an
-    # AGX-like device (0.11 of a core) takes about 0.3 s per mini-7b decode step.
+    # Sized for about 50 minutes on a quiet 2-core host (90 allowed): the runs of one model
+    # on one testbed variant share an MPI launch (15 ranks start once, 40-70 s here), three
+    # profiles of 5-7 min, and tokens cut to what the slowest runs afford: mini-70b
+    # EdgeShard decodes at 3.4 s/token on this testbed (the paper's 70B: 3.1 s).
     "prompts": 1,
     "pipeline_prompts": 4,
-    "new_tokens": 24,
+    "new_tokens": 16,
+    "model_new_tokens": {"mini-70b": 8},
     # The paper's 1, 2, 5, 10, 20, 50 Mb/s source-cloud sweep, times the testbed's scale.
     "bandwidths": (0.081, 0.161, 0.403, 0.806, 1.61, 4.03),
     "sweep_models": ("mini-7b", "mini-13b", "mini-70b"),  # Figs. 7/8 a-c
-    # The main model at every point; the others at the paper's 1, 10 and 50 Mb/s (time:
-    # each run starts 15 ranks, about 40 s on a quiet 2-core host before any token).
+    # The main model at every point; the others at the paper's 1, 10 and 50 Mb/s.
     "other_bandwidths": (0.081, 0.806, 4.03),
     "order_models": ("mini-7b", "mini-13b"),  # Fig. 11 a-b
     "profiling_model": "mini-13b",  # Fig. 10, as the paper's
+    "source_model": "mini-7b",  # Fig. 9, as the paper's 7B: it fits one AGX, no NX
 }
 SEQUENTIAL_BAND, PIPELINED_BAND = 0.10, 0.15
 """The issue's target for measured / predicted (latency, resp. pipelined throughput)."""
@@ -85,6 +89,11 @@ QUICK = {
     "sweep_models": ("mini-7b",),
     "order_models": ("mini-7b",),
     "profiling_model": "mini-7b",
+    # Fig. 9: the model that fits the source alone, as Llama2-7B fits an AGX in the paper,
+    # so Cloud-Edge-Opt keeps it there at 1 Mb/s (mini-7b fits no edge box of this testbed:
+    # every method then keeps only the embedding on the source, and the source's speed
+    # shows in none of them).
+    "source_model": "small",
 }
 
 
@@ -101,9 +110,19 @@ class Bench:
         self.current = None  # the testbed variant that is up (os emulation)
         self.done = self.skipped = 0
         self.counting, self.total, self.seen = False, 0, 0  # a dry pass counts the runs
-        self.launched, self.profiling_s = 0, 0.0  # the ETA leaves profiling out
+        self.launched, self.profiling_s = 0, 0.0
+        self.profiles_todo: set[Path] = set()  # profiles the runs to do will measure
+        self.profiled = 0
+        # Runs wait here until the model or the testbed variant changes, then share one
+        # MPI launch (paper_world.py); --one-launch-per-run turns that off.
+        self.batch: list[Item] = []
+        self.batch_tb, self.batch_key = None, None
+        self.batched = True
+        self.launches, self.world_s = 0, 0.0
         self.t_start = time.time()
+        self.exps: list[str] = list(EXPERIMENTS)
         self.derived: dict[Path, tuple[float, float]] = {}  # variant -> (base, its) Mb/s
+        self.moved: dict[Path, list[int]] = {}  # NX-source variant -> device order
 
     def base_src_cloud_mbps(self) -> float:
         tb = self.base
@@ -140,6 +159,8 @@ class Bench:
         path.write_text(toml_out.dumps(data))
         if src_cloud_mbps is not None and not nx_source:
             self.derived[path.resolve()] = (self.base_src_cloud_mbps(), src_cloud_mbps)
+        if nx_source and src_cloud_mbps is None:
+            self.moved[path.resolve()] = order
         return load_testbed(path)
 
     def use(self, tb) -> None:
@@ -172,13 +193,21 @@ class Bench:
         path = self.out / "profiles" / f"{tb.name}-{model}.json"
         if path.is_file():
             return path
-        if tb.path.resolve() in self.derived:
-            return self._derive(tb, model, path)
+        key = tb.path.resolve()
+        if key in self.derived:  # the same devices, one link scaled (paper_profiles.py)
+            old, new = self.derived[key]
+            return scaled_link(self.profile(self.base, model), path, tb.source, tb.cloud,
+                               old, new)  # fmt: skip
+        if key in self.moved:  # the same devices in another order (Fig. 9's NX source)
+            return moved_source(self.profile(self.base, model), path, self.moved[key])
         self.use(tb)
         job = self._job(tb, model, path.with_suffix(".h5"), {"strategy": "edgeshard"})
         # Warm-up matters here: with 1 warm-up call and 3 repeats a layer of `small` read
         # 0.81-0.87 ms of CPU, with 3 and 5 it read 0.50-0.65, the run's 0.47.
         job["profile"] = {"sample_layers": 2, "warmup": 5, "repeats": 5}
+        # 15 ranks measure 210 links after timing their units, a phase that reports no
+        # progress: under load it outlasted the default 300 s watchdog (mini-70b, load 19).
+        job["runtime"] = {"stall_timeout_s": 1800}
         jpath = path.with_suffix(".toml")
         jpath.parent.mkdir(parents=True, exist_ok=True)
         jpath.write_text(toml_out.dumps(job))
@@ -188,22 +217,11 @@ class Bench:
             sys.exit(f"profiling {model} on {tb.name} failed:\n{proc.stdout}\n{proc.stderr}")
         (self.out / "profiles" / f"{tb.name}-{model}.profile.json").replace(path)
         self.profiling_s += time.time() - t0
-        print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s", flush=True)
-        return path
-
-    def _derive(self, tb, model: str, path: Path) -> Path:
-        """A bandwidth variant's profile: the base's, the swept link's bandwidth scaled by
-        configured new / configured base (both directions)."""
-        from dataclasses import replace
-
-        base = load_profile(self.profile(self.base, model))
-        s, c = tb.source, tb.cloud
-        old, new = self.derived[tb.path.resolve()]
-        bw = base.bandwidth.copy()
-        bw[s, c] *= new / old
-        bw[c, s] *= new / old
-        notes = f"{base.notes}; source-cloud link scaled {old:g} -> {new:g} Mb/s"
-        replace(base, bandwidth=bw, notes=notes).save(path, rename_ok=False)
+        self.profiled += 1
+        parts = [x.split("] ", 1)[-1] for x in proc.stdout.splitlines()
+                 if "profiled " in x or "measured " in x]  # fmt: skip
+        print(f"    profiled {model} on {tb.name} in {time.time() - t0:.0f} s"
+              + (f" ({'; '.join(parts)})" if parts else ""), flush=True)  # fmt: skip
         return path
 
     def _job(self, tb, model: str, out: Path, partition: dict, pipeline: dict | None = None):
@@ -217,7 +235,7 @@ class Bench:
                 "dataset": "${EDGESHARD_DATA}/wikitext-2-raw-v1/wiki.test.raw",
                 "fallback": "builtin",
                 "prompts": cfg["pipeline_prompts"] if pipelined else cfg["prompts"],
-                "new_tokens": cfg["new_tokens"],
+                "new_tokens": cfg.get("model_new_tokens", {}).get(model, cfg["new_tokens"]),
             },
             "partition": partition,
             "pipeline": pipeline or {},
@@ -231,13 +249,21 @@ class Bench:
         finished = out.is_file() or marker.is_file()
         if self.counting:
             self.total += not finished
+            key = tb.path.resolve()
+            base_tb = tb if key not in self.derived and key not in self.moved else self.base
+            measured = self.out / "profiles" / f"{base_tb.name}-{model}.json"
+            if not finished and not measured.is_file():
+                self.profiles_todo.add(measured)
             return
         if finished:
             self.skipped += 1
             return
-        self.seen += 1
+        key = pending_key(tb, model)
+        if self.batch and (key != self.batch_key or kw.get("expect_failure")):
+            self.flush()
         prof = self.profile(tb, model)
         if not kw.get("expect_failure") and self._refused(prof, name, model, partition, marker):
+            self.seen += 1
             self.done += 1
             return
         self.use(tb)
@@ -248,12 +274,16 @@ class Bench:
         jpath = out.with_suffix(".toml")
         jpath.parent.mkdir(parents=True, exist_ok=True)
         jpath.write_text(toml_out.dumps(job))
+        if self.batched and not kw.get("expect_failure"):
+            self.batch.append(Item(exp, name, model, partition, jpath, out))
+            self.batch_tb, self.batch_key = tb, key
+            if len(self.batch) >= BATCH:
+                self.flush()
+            return
+        self.seen += 1
         t0 = time.time()
         spent = t0 - self.t_start
-        # The ETA from the runs launched so far (an offline refusal takes no time).
-        per_run = (spent - self.profiling_s) / max(self.launched, 1)
-        eta = f"ETA {per_run * (self.total - self.seen + 1) / 60:.0f} min" if (
-            self.launched) else "ETA after the first run"  # fmt: skip
+        eta = self.eta()
         self.launched += 1
         print(f"  [{self.seen}/{self.total}, {spent / 60:.0f} min, {eta}] {exp}/{name} ...",
               end=" ", flush=True)  # fmt: skip
@@ -278,6 +308,24 @@ class Bench:
         else:
             sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         self.done += 1
+
+    def eta(self) -> str:
+        """From the runs finished so far (an offline refusal takes no time) and the
+        profiles measured so far (5-7 min each on the paper testbed before the first)."""
+        if not self.launched:
+            return "ETA after the first run"
+        spent = time.time() - self.t_start
+        per_run = (spent - self.profiling_s) / self.launched
+        per_prof = self.profiling_s / self.profiled if self.profiled else 400.0
+        left_prof = max(len(self.profiles_todo) - self.profiled, 0) * per_prof
+        return f"ETA {(per_run * (self.total - self.seen) + left_prof) / 60:.0f} min"
+
+    def flush(self) -> None:
+        """Run the waiting runs: one world per model and testbed variant."""
+        batch, self.batch = self.batch, []
+        if batch:
+            self.use(self.batch_tb)
+            run_batch(self, self.batch_tb, batch)
 
     def _refused(self, prof: Path, name: str, model: str, partition: dict, marker: Path) -> bool:
         """Does the planner refuse this run already offline (no reserve held back, the
@@ -345,17 +393,19 @@ class Bench:
 
     def source(self) -> None:
         tb = self.variant("nx-source", nx_source=True)
+        model = self.cfg["source_model"]
         for s in STRATEGIES:
             for obj in ("latency", "throughput"):
                 pipe = {"mode": "pipeline"} if obj == "throughput" else None
-                self.run("source", f"{self.cfg['main']}-{s}-{obj}-source-nx", tb,
-                         self.cfg["main"], {"strategy": s, "objective": obj},
-                         pipeline=pipe)  # fmt: skip
+                self.run("source", f"{model}-{s}-{obj}-source-nx", tb, model,
+                         {"strategy": s, "objective": obj}, pipeline=pipe)  # fmt: skip
 
     def profiling(self) -> None:
         tb = self.variant("base")
         model = self.cfg["profiling_model"]
         for ps in PROFILE_STRATEGIES:
+            if ps == "workload" and model in self.cfg["models"] and "table4" in self.exps:
+                continue  # table4's EdgeShard runs are this job (the report takes them)
             for obj in ("latency", "throughput"):
                 pipe = {"mode": "pipeline"} if obj == "throughput" else None
                 self.run("profiling", f"{model}-edgeshard-{obj}-{ps}", tb, model,
@@ -363,12 +413,33 @@ class Bench:
                          profile_strategy=ps, pipeline=pipe)  # fmt: skip
 
     def orders(self) -> None:
+        """Fig. 11: each method's no-bubbles run (table4) again in bubbles order, with the
+        same plan, micro-batch size and count in flight, as the paper compares them (left
+        to choose, a bubbles run picks other candidates: the order is then not all that
+        differs)."""
         tb = self.variant("base")
         for model in self.cfg["order_models"]:
             for s in ("cloud-edge-even", "cloud-edge-opt", "edgeshard"):
-                self.run("orders", f"{model}-{s}-bubbles", tb, model,
-                         {"strategy": s, "objective": "throughput"},
-                         pipeline={"mode": "pipeline", "order": "bubbles"})  # fmt: skip
+                part, pipe = {"strategy": s, "objective": "throughput"}, {}
+                same = self.out / "table4" / f"{model}-{s}-throughput.h5"
+                if same.is_file() and not self.counting:
+                    part, pipe = same_schedule(same)
+                self.run("orders", f"{model}-{s}-bubbles", tb, model, part,
+                         pipeline={"mode": "pipeline", "order": "bubbles", **pipe})  # fmt: skip
+
+
+def same_schedule(h5: Path) -> tuple[dict, dict]:
+    """The partition (explicit stages) and micro-batching a finished pipelined run used."""
+    from ..metrics import read_run
+
+    r = read_run(h5)
+    stages = [{"rank": int(k), "layers": [int(a), int(b)]} for k, a, b in r["plan"]["stages"]]
+    pipe = r.get("pipeline", {})
+    return (
+        {"strategy": "explicit", "stages": stages, "objective": "throughput"},
+        {"micro_batches": int(pipe["@micro_batches"]),
+         "micro_batch_size": int(pipe["@micro_batch_size"])},
+    )  # fmt: skip
 
 
 EXPERIMENTS = ("table4", "bandwidth", "source", "profiling", "orders")
@@ -384,13 +455,16 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidths", help="comma-separated source-cloud Mb/s (testbed-scaled)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--one-launch-per-run", action="store_true",
+                    help="start the ranks for every run (default: once per model and "
+                    "testbed variant, several runs per MPI launch)")  # fmt: skip
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.new_tokens:
         cfg["new_tokens"] = args.new_tokens
     if args.models:
         cfg["models"] = tuple(args.models.split(","))
-        cfg["main"] = cfg["profiling_model"] = cfg["models"][0]
+        cfg["main"] = cfg["profiling_model"] = cfg["source_model"] = cfg["models"][0]
         cfg["sweep_models"] = cfg["models"]
         cfg["order_models"] = cfg["models"][:2]
     if args.bandwidths:
@@ -404,7 +478,7 @@ def main(argv=None) -> None:
     bench = Bench(cfg, out, args.emulation, args.timeout)
     print(f"testbed {cfg['testbed']} ({bench.emulation} emulation), results in {out}")
     t0 = time.time()
-    exps = args.only.split(",")
+    exps = bench.exps = args.only.split(",")
     for exp in exps:
         if exp not in EXPERIMENTS:
             sys.exit(f"--only: unknown experiment {exp!r}; choose from {EXPERIMENTS}")
@@ -413,15 +487,18 @@ def main(argv=None) -> None:
         getattr(bench, exp)()
     bench.counting, bench.t_start = False, time.time()
     print(f"{bench.total} run(s) to do", flush=True)
+    bench.batched = not args.one_launch_per_run
     try:
         for exp in exps:
             print(f"{exp}:", flush=True)
             getattr(bench, exp)()
+            bench.flush()
     finally:
         bench.close()
     fidelity(out)
     print(
-        f"{bench.done} run(s) in {time.time() - t0:.0f} s, {bench.skipped} already done; "
+        f"{bench.done} run(s) in {time.time() - t0:.0f} s ({bench.launches} MPI launches of "
+        f"several runs), {bench.skipped} already done; "
         f"report: edgeshard-mpi report {out} --out {out}/report"
     )
 
