@@ -290,7 +290,9 @@ def with_types(rng, prof: Profile, copies: int) -> Profile:
 
 def near_alike(rng, prof: Profile) -> Profile:
     """with_types' copies made distinct: every device's unit times scaled by U(0.95, 1.05),
-    links by the same per pair (the tie-break's clusters then hold several devices)."""
+    links by the same per pair (the tie-break's clusters then hold several devices); one
+    activation size for every unit, so the hops are alike at every cut (the bound's
+    assignment reduction)."""
     from dataclasses import replace
 
     prof = with_types(rng, prof, 2)
@@ -302,6 +304,7 @@ def near_alike(rng, prof: Profile) -> Profile:
         prefill_s=prof.prefill_s * f[None],
         decode_s=prof.decode_s * f[None],
         latency_s=prof.latency_s * g,
+        activation_bytes_per_token=np.full(n, prof.activation_bytes_per_token.mean()),
     )
 
 

@@ -11,8 +11,12 @@ similar ones (same longest range, same runnable units, similar speed) and a DP o
 Any chain from (S, k, e) on devices outside S maps to a cluster chain that uses no more
 devices of a cluster than S leaves, each cost at least its cluster's: a lower bound, and
 a tight one when the members are alike (the count forces as many stages and hops as a
-real chain needs). Costs are first reduced (the least hop into and out of each device
-moved into its stages), so that each member's own links count in its cluster's minimum.
+real chain needs). Costs are first reduced: a potential per device for its hop in and
+one for its hop out are moved into its stages (any potentials leave every chain's latency
+unchanged), so that each member's own links count in its cluster's minimum. When the hops
+are alike at every cut (one activation width) the potentials are the assignment
+problem's duals over the cycle source -> ... -> last -> (return) source (the Hungarian
+method, 20 x 20 here), else the least hop into, then out of, each device.
 Tables: n x devices x prod(size + 1) floats; the clusters are coarsened until that fits.
 """
 
@@ -73,7 +77,9 @@ class CountBound:
     """bound(S, k, e): a lower bound on the latency of units [e, n) after k's range ends at
     e (the hop out of k included), on devices outside S (e < n)."""
 
-    def __init__(self, seg, hop, ret, src: int, limit: float, far, max_states: int = 4_000_000):
+    def __init__(
+        self, seg, hop, ret, src: int, limit: float, far, max_states=4_000_000, assign=True
+    ):
         m, n1, _ = seg.shape
         n = n1 - 1
         unit = seg[:, np.arange(n), np.arange(1, n1)]
@@ -95,7 +101,7 @@ class CountBound:
         # Reduced costs (exact for any chain): the least hop into each device at each cut
         # is charged to the device's stage, then the least hop (or return) out of it; the
         # cluster minima then keep each device's own link costs.
-        sg, hp, rt, self.prepaid = _reduce(sg, hp, rt, src)
+        sg, hp, rt, self.prepaid = _reduce(sg, hp, rt, src, assign)
         segc = np.stack([sg[c].min(axis=0) for c in cl])  # [C, n1, n1]
         hopc = np.full((n1, C, C), INF)
         hopk = np.full((n1, m, C), INF)
@@ -139,11 +145,32 @@ class CountBound:
         return self.hk[e, k, self.index(S)]
 
 
-def _reduce(sg, hp, rt, src: int):
+def _reduce(sg, hp, rt, src: int, assign: bool = True):
     """Costs with the least hop into and out of each device moved into its stages:
     (seg, hop, ret, prepaid[y, k]) where prepaid is what a stage of k ending at y has
     already paid of what follows it. Every chain keeps its latency; hops stay >= 0."""
     n = sg.shape[1] - 1
+    duals = None
+    if assign and n > 1 and np.array_equal(hp[1:n], np.broadcast_to(hp[1], hp[1:n].shape)):
+        # Hops alike at every cut (layers of one width): the assignment's potentials over
+        # the cycle source -> ... -> last -> (return) source, a tighter reduction.
+        a = hp[1].copy()
+        a[:, src] = rt
+        duals = _assignment_duals(a)
+    if duals is not None:
+        u, v = duals
+        into = np.zeros((n + 1, len(rt)))
+        into[1:n] = v
+        into[:, src] = 0.0
+        out = np.zeros((n + 1, len(rt)))
+        out[1:n] = u
+        out[n] = u + v[src]
+        return (
+            sg + into.T[:, :, None] + out.T[:, None, :],
+            hp - into[:, None, :] - out[:, :, None],
+            rt - out[n],
+            out,
+        )
     into = hp.min(axis=1)  # [x, b]
     into = np.where(np.isfinite(into), into, 0.0)
     into[0] = 0.0
@@ -157,3 +184,45 @@ def _reduce(sg, hp, rt, src: int):
     hp = hp - out[:, :, None]
     rt = rt - out[n]
     return sg, hp, rt, out
+
+
+def _assignment_duals(a: np.ndarray):
+    """Potentials (u, v) with u[i] + v[j] <= a[i, j] whose sum is the least assignment's
+    cost (the Hungarian method, O(n^3)); None when an entry needed is infinite."""
+    n = a.shape[0]
+    big = np.isfinite(a)
+    cost = np.where(big, a, 0.0)
+    fill = (np.abs(cost).max() + 1.0) * (n + 1)
+    cost = np.where(big, a, fill)
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    p = np.zeros(n + 1, dtype=np.int64)  # p[j]: the row matched to column j (1-based)
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = p[j0]
+            cur = cost[i0 - 1] - u[i0] - v[1:]
+            free = ~used[1:]
+            upd = free & (cur < minv[1:])
+            minv[1:][upd] = cur[upd]
+            way[1:][upd] = j0
+            cand = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(cand)) + 1
+            delta = cand[j1 - 1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[1:][free] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    rows = p[1:] - 1
+    if not big[rows, np.arange(n)].all():
+        return None  # the assignment needs a forbidden pair: keep the greedy reduction
+    return u[1:], v[1:]
