@@ -253,9 +253,9 @@ def sweep(rows) -> list[str]:
         for b in sorted({r["src_cloud_mbps"] for r in pts if np.isfinite(r["src_cloud_mbps"])}):
             for m in dict.fromkeys(method(r) for r in pts):
                 lat = next((r for r in pts if r["src_cloud_mbps"] == b and method(r) == m
-                            and r["objective"] == "latency"), None)  # fmt: skip
+                            and r["mode"] != "pipeline"), None)  # fmt: skip
                 thr = next((r for r in pts if r["src_cloud_mbps"] == b and method(r) == m
-                            and r["objective"] == "throughput"), None)  # fmt: skip
+                            and r["mode"] == "pipeline"), None)  # fmt: skip
                 if lat or thr:
                     body.append([model, f"{b:.3g}", m,
                                  lat["latency_ms_per_token"] if lat else None,

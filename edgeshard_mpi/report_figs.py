@@ -62,7 +62,7 @@ def _figure(plt, title: str, rows, ncols: int = 1, width: float = 6.0):
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
+    fig.savefig(out / name, dpi=100, bbox_inches="tight")  # keeps a legend below the axes
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -82,7 +82,9 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
         for i, model in enumerate(models):
             # the paper's panel for the model it stands for (7B a, 13B b, 70B c)
             letter = PANEL.get(model, "abc"[i] if i < 3 else str(i))
-            pts = _ok(base + sweep, model=model, objective=obj)
+            # by mode: an unplanned method (EdgeShard-Even) records no objective of its own
+            pts = [r for r in _ok(base + sweep, model=model)
+                   if (r["mode"] == "pipeline") == (obj == "throughput")]  # fmt: skip
             if not pts:
                 continue
             xs_all = sorted({r["src_cloud_mbps"] for r in pts if np.isfinite(r["src_cloud_mbps"])})
@@ -117,7 +119,9 @@ def sweep_figures(plt, rows, out: Path) -> list[str]:
                    if r["model"] == model and r["objective"] == obj and r["status"] != "ok"]
             if oom:  # the methods the planner refused (the paper plots them as OOM too)
                 ax.plot([], [], " ", label="out of memory: " + ", ".join(oom))
-            ax.legend(fontsize=8)
+            # below the axes: inside, it hid part of a line (Fig. 7c)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                      frameon=False)  # fmt: skip
             made.append(_save(fig, out, f"fig{fig_no}{letter}_{model}.png"))
     return made
 

@@ -343,7 +343,7 @@ class Bench:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"run": name, "model": model, "infeasible": row["error"],
                                       "partition": partition}))  # fmt: skip
-        print(f"  [{self.seen}/{self.total}] {name}: infeasible (planner, offline): "
+        print(f"  [{self.seen + 1}/{self.total}] {name}: infeasible (planner, offline): "
               f"{row['error'][:80]}", flush=True)  # fmt: skip
         return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .common import mpiexec_path
 
+MARKER = re.compile(r"\[world\] run (\S+?): status (-?\d+)")
 BATCH = 8
 """Jobs per world at most: a failure loses at most this many runs' progress."""
 
@@ -47,35 +49,49 @@ def world_argv(tb, jobs: list[Path], emulation: str) -> list[str]:
 
 def run_batch(bench, tb, items: list[Item]) -> None:
     """Launch one world for `items` (one model, one testbed variant) and record each job."""
-    by_job = {str(it.job): it for it in items}
     env = dict(os.environ, MPIEXEC_TIMEOUT=str(bench.timeout))
     t0 = last = time.time()
     log: list[str] = []
-    seen_by: dict[str, int] = {}
+    status: dict[str, int] = {}
+    order = [str(it.job) for it in items]
+    done = 0  # items[:done] are recorded
     proc = subprocess.Popen(world_argv(tb, [it.job for it in items], bench.emulation),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     assert proc.stdout is not None
     used = 0  # log lines before this index belong to jobs already recorded
+
+    def record_until(k: int) -> None:
+        """Record items[done:k]: finished on rank 0 (a later job has begun and ended)."""
+        nonlocal done, used, last
+        while done < k:
+            it = items[done]
+            took, last = time.time() - last, time.time()
+            # rank 0's lines of this job: it prints them before its own marker, in order
+            mine = [i for i in range(used, len(log)) if "[rank 0]" in log[i]
+                    and ("prompts x" in log[i] or " error" in log[i])]  # fmt: skip
+            if it.out.is_file():
+                mine = [i for i in mine if "prompts x" in log[i]][:1] or mine
+            _record(bench, it, status.get(str(it.job), -1), took, [log[i] for i in mine[:1]])
+            used = mine[0] + 1 if mine else used
+            done += 1
+
     for line in proc.stdout:
         log.append(line)
-        if not line.startswith("[world] run "):
-            continue
-        path, status = line[len("[world] run "):].rsplit(": status ", 1)
-        seen_by[path] = seen_by.get(path, 0) + 1
-        it = by_job.get(path)
-        if it is None or seen_by[path] < tb.n:  # every rank prints it; rank 0's is among them
-            continue
-        del by_job[path]
-        took, last = time.time() - last, time.time()
-        # rank 0's lines of this job: it prints them before its own marker, in order
-        mine = [i for i in range(used, len(log))
-                if "[rank 0]" in log[i] and ("prompts x" in log[i] or " error" in log[i])]
-        _record(bench, it, int(status.strip()), took, [log[i] for i in mine])
-        used = mine[-1] + 1 if mine else used
+        # 15 ranks print through one pipe: a marker may share a line with another's
+        for m in MARKER.finditer(line):
+            path, code = m.group(1), int(m.group(2))
+            if path in order:
+                status.setdefault(path, code)
+                # every rank ends job k only after rank 0 ended (and wrote) job k - 1; job
+                # k itself is done once rank 0 published its file
+                k = order.index(path)
+                record_until(k + 1 if items[k].out.is_file() else k)
     proc.wait()
-    if proc.returncode != 0 or by_job:
-        left = ", ".join(it.name for it in by_job.values())
+    if proc.returncode == 0:
+        record_until(len(items))
+    if proc.returncode != 0 or done < len(items):
+        left = ", ".join(it.name for it in items[done:])
         sys.exit(f"a world of {len(items)} runs failed ({proc.returncode}; not done: {left}):"
                  f"\n{''.join(log)[-6000:]}")  # fmt: skip
     bench.launches += 1
@@ -91,7 +107,7 @@ def _record(bench, it: Item, status: int, took: float, lines: list[str]) -> None
     bench.launched += 1
     spent = time.time() - bench.t_start
     head = f"  [{bench.seen}/{bench.total}, {spent / 60:.0f} min, {bench.eta()}] {it.exp}/{it.name}"
-    if status == 0 and it.out.is_file():
+    if status in (0, -1) and it.out.is_file():
         res = [x for x in lines if "ms/token" in x and "prompts x" in x]
         print(f"{head}: {took:.0f} s: {res[-1].split(': ', 1)[-1].strip() if res else 'done'}",
               flush=True)  # fmt: skip
