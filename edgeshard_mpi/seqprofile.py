@@ -18,9 +18,9 @@ the run does instead:
   its time is shared out over its units in proportion: what the call spends outside every
   unit (masks, rotary tables, the Python around the layers) is counted, and a preemption
   is counted once per call, not once per unit, so the units of a stage sum to its call;
-- on an emulated device each call is followed by the dilation's sleep, as in the run, so
-  the next call finds what a run's call finds after a sleep (wake_cost below adds what
-  a longer wait for the input costs);
+- no sleep after a call on an emulated device (the run sleeps the dilation): sleeping
+  made the profiled speeds 1.07-1.25x slower than the configured shares (see README,
+  "Wake-up cost and idle polling"); wake_cost below prices a wait before a call;
 - caches are flushed once per token (other stages run between a stage's visits in a run),
   not once per unit;
 - decode: the mean over up to STEPS steps spread over the generation (what a token costs
@@ -131,10 +131,6 @@ def time_segment(
         stage(x, cache, positions[step], first_position(prompt, step))
         _sync(device)
         whole = emulation.charged(t0, c0)
-        # Sleep the dilation as the run does: its next call then follows a sleep too, and
-        # pays what waking costs (measured on the fidelity test's one-stage plan, load
-        # 14-19: measured / predicted 1.12-1.15 with this sleep, 1.20-1.33 without).
-        emulation.stretch(t0, c0)
         return dict(marks.spent), whole
 
     def spread(parts: dict[int, float], whole: float) -> dict[int, float]:
@@ -241,6 +237,5 @@ def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: s
             stage(x, cache, pos, first_position(prompt, i + 1))
             _sync(device)
             (woken if waited else flushed).append(emulation.charged(t0, c0))
-            emulation.stretch(t0, c0)
     del stage
     return max(0.0, float(np.median(woken[1:]) - np.median(flushed[1:])))
