@@ -18,6 +18,9 @@ the run does instead:
   its time is shared out over its units in proportion: what the call spends outside every
   unit (masks, rotary tables, the Python around the layers) is counted, and a preemption
   is counted once per call, not once per unit, so the units of a stage sum to its call;
+- no sleep after a call on an emulated device (the run sleeps the dilation): sleeping
+  made the profiled speeds 1.07-1.25x slower than the configured shares (see README,
+  "Wake-up cost and idle polling"); wake_cost below prices a wait before a call;
 - caches are flushed once per token (other stages run between a stage's visits in a run),
   not once per unit;
 - decode: the mean over up to STEPS steps spread over the generation (what a token costs
