@@ -45,3 +45,27 @@ def test_moved_source_reorders_devices_and_moves_the_slow_link(tmp_path):
     assert got.bandwidth[0, c] < got.bandwidth[1, c] / 10
     # links between edge devices move with them
     assert got.bandwidth[0, 2] == base.bandwidth[nx, 1]
+
+
+def test_moved_source_charges_each_receiver_its_own_wake_up(tmp_path):
+    # A measured profile's hop latency = link + the receiver's wake-up cost: after the
+    # reorder each hop must carry its new receiver's cost, not the one the swap brought.
+    from dataclasses import replace
+
+    _, base = _base(tmp_path)
+    n = len(base.names)
+    rng = np.random.default_rng(0)
+    link = rng.uniform(1e-3, 5e-3, (n, n)) * (1 - np.eye(n))
+    wake = rng.uniform(0, 4e-3, n)
+    meta = dict(base.meta, link_latency_s=link.tolist(), wake_s=wake.tolist())
+    lat = link + wake[None, :] * (1 - np.eye(n))
+    measured = tmp_path / "measured.json"
+    replace(base, latency_s=lat, meta=meta).save(measured)
+    nx = base.names.index("nx-0")
+    order = [nx] + [i for i in range(n) if i != nx]
+    got = load_profile(moved_source(measured, tmp_path / "nx.json", order))
+    w = np.asarray(got.meta["wake_s"])
+    assert np.allclose(w, wake[order])
+    off = ~np.eye(n, dtype=bool)
+    rest = got.latency_s - np.asarray(got.meta["link_latency_s"])
+    assert np.allclose(rest[off], np.broadcast_to(w[None, :], (n, n))[off])

@@ -50,16 +50,24 @@ def moved_source(base_path: Path, path: Path, order: list[int]) -> Path:
         return m
 
     meta = dict(base.meta)
-    for k in ("hosts", "threads"):
+    for k in ("hosts", "threads", "wake_s"):
         if isinstance(meta.get(k), list) and len(meta[k]) == len(order):
             meta[k] = [meta[k][i] for i in order]
+    latency = perm(base.latency_s)
+    if "link_latency_s" in meta and "wake_s" in meta:
+        # A hop's latency is the link's plus its receiver's wake-up cost (profile.py): move
+        # the links, then charge each receiver its own wake-up again.
+        link = perm(np.asarray(meta["link_latency_s"], float))
+        wake = np.asarray(meta["wake_s"], float)
+        latency = link + wake[None, :] * (1.0 - np.eye(len(order)))
+        meta["link_latency_s"] = link.tolist()
     prof = replace(
         base,
         names=tuple(base.names[i] for i in order),
         memory_budget=base.memory_budget[o],
         prefill_s=base.prefill_s[:, o, :],
         decode_s=base.decode_s[:, o, :],
-        latency_s=perm(base.latency_s),
+        latency_s=latency,
         bandwidth=perm(base.bandwidth),
         source=0,
         cloud=cloud,
