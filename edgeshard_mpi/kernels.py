@@ -14,15 +14,28 @@ Llama of `make bench-speed` (per matrix and per token):
     x @ Wt through numpy's OpenBLAS         4.4 ms    (38 GB/s; the read limit is 42) <- "fast"
 
 torch's MKL takes its generic code path on this AMD CPU; the OpenBLAS that numpy's wheels
-bundle (on x86 and ARM Linux alike) has a tuned sgemv and sgemm for it: batch-1 decode
-streams 1.5x faster and prefill's sgemm is ~20% faster. So "fast" keeps the transposed
-layout and multiplies through numpy (zero-copy views of the same storage) when numpy's
-BLAS is an OpenBLAS whose thread count this process can set (pinned to one thread: see
-below); otherwise through torch. With several torch threads a prompt's products (more
-than NUMPY_MAX_ROWS rows) use torch's multi-threaded MKL. The kernel of a product depends
-only on its shape and the rank's thread count, so 1 and N ranks at the same threads stay
-bitwise identical. Fusing q/k/v or gate/up into one matrix streams no faster (23.7 vs
-23.4 GB/s) and would mean rewriting each family's attention, so it is not done.
+bundle (on x86 and ARM Linux alike) has a tuned sgemv for it: batch-1 decode streams 1.5x
+faster. So "fast" keeps the transposed layout and multiplies decode-sized inputs (up to
+NUMPY_MAX_ROWS rows) through numpy (zero-copy views of the same storage) when numpy's BLAS
+is an OpenBLAS whose thread count this process can set (pinned to one thread: see below).
+A prompt's products (more rows) go through oneDNN (`torch.ops.mkldnn._linear_pointwise`,
+the op torch's inductor calls, given the [out, in] view of the same storage: no second
+layout), which picks its AVX-512 sgemm by the CPU's features, at the run's torch threads:
+a 128-token prefill of the 232 MB model's layers takes 30 ms there against 52 ms in
+numpy's OpenBLAS on its AVX2 kernels (the ones this host's OPENBLAS_CORETYPE=Haswell
+picks) and 60 ms in MKL. Where torch has no oneDNN, a prompt goes to numpy at one thread
+and to torch's MKL at several. The kernel of a product depends only on its shape and the
+rank's thread count, so 1 and N ranks at the same threads stay bitwise identical.
+
+The transposed weights of a stage live in one buffer mapped with 2 MiB pages (where the
+kernel gives transparent huge pages): on 4 KiB pages the products of a decode step
+streamed ~5-9% slower (prefetchers stop at page boundaries, a TLB miss per page).
+
+Fusing q/k/v or gate/up into one matrix streams no faster (2.89 vs 2.75 ms for the 56
+layer products of the 232 MB model, fused vs not) and needs each family's forward rewritten
+(or a Llama-shaped copy checked against it): a fused Llama-shaped layer measured 0.2 ms per
+token less on a quiet host (fewer module calls), but lost it again under load and took the
+weights out of the huge-page buffer; not kept.
 
 The transform is family-agnostic: it walks any nn.Module and swaps each nn.Linear (the
 attention and MLP projections of every decoder layer, and the lm_head) for a FastLinear
@@ -44,7 +57,9 @@ bitwise identical under either, since every rank runs the same kernel on the sam
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import mmap
 import re
 
 import numpy as np
@@ -55,43 +70,45 @@ from torch.nn.modules import module as _tm
 KERNELS = ("fast", "exact")
 
 
-def _openblas_setter():
-    """numpy's OpenBLAS `set_num_threads`, or None (another BLAS, or not found): found as
-    threadpoolctl does, by the shared object loaded into this process."""
+def _openblas():
+    """(numpy's OpenBLAS `set_num_threads`, its core name) or (None, None) (another BLAS, or
+    not found): found as threadpoolctl does, by the shared object loaded into this process."""
     try:
         with open("/proc/self/maps") as f:
             paths = {ln.split()[-1] for ln in f if re.search(r"openblas[^/]*\.so", ln.lower())}
     except OSError:
-        return None
+        return None, None
     for path in sorted(paths):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for sym in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
+        for suffix in ("64_", ""):
+            for pre in ("scipy_openblas_", "openblas_"):
+                fn = getattr(lib, f"{pre}set_num_threads{suffix}", None)
+                if fn is None:
+                    continue
                 fn.argtypes, fn.restype = [ctypes.c_int], None
-                return fn
-    return None
+                core = getattr(lib, f"{pre}get_corename{suffix}", None)
+                if core is not None:
+                    core.restype = ctypes.c_char_p
+                    core = core().decode()
+                return fn, core
+    return None, None
 
 
 np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # loads numpy's BLAS now
-_SET_BLAS_THREADS = _openblas_setter()
+_SET_BLAS_THREADS, BLAS_CORE = _openblas()
+"""BLAS_CORE: the kernels numpy's OpenBLAS runs ("SkylakeX", "Haswell", ...; blas_core.py)."""
 if _SET_BLAS_THREADS is not None:
     # Always one thread, the caller's: OpenBLAS's own thread pool spins on its peers and
     # collapsed when cores are shared (2 threads, busy host: 321 vs torch's 64 ms/token).
     _SET_BLAS_THREADS(1)
 USE_NUMPY_BLAS = _SET_BLAS_THREADS is not None
 NUMPY_MAX_ROWS = 16
-"""With several torch threads, products of more rows than this (a prompt) go to torch's
-multi-threaded MKL; decode-sized ones stay on one-thread OpenBLAS, which streams the
-weights at one core's memory speed (faster than MKL on two threads here)."""
+"""Products of more rows than this (a prompt) go to oneDNN at the run's threads; decode-sized
+ones stay on one-thread OpenBLAS, which streams the weights at one core's memory speed
+(faster than MKL on two threads here)."""
 
 
 LEAN_CALLS = True
@@ -101,24 +118,27 @@ LEAN_CALLS = True
 
 class FastLinear(nn.Module):
     """y = x @ Wt (+ b) with Wt = W.T stored contiguous: the weight is held once, in the
-    layout MKL's batch-1 gemv streams fastest. `.weight` is the checkpoint's [out, in]
+    layout batch-1 gemv streams fastest. `.weight` is the checkpoint's [out, in]
     matrix as a view of that storage (no copy), for code that reads it."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, out: torch.Tensor | None = None):
+        """`out`: where to put the transposed weight (a [in, out] slot of the stage's
+        weight buffer, see `_weight_buffer`), else a tensor of its own."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # .contiguous() on the transpose makes the new layout; the caller drops the old
-        # module, so the checkpoint layout is freed and the weight is held once.
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        # The transpose is copied into the new layout; the caller drops the old module, so
+        # the checkpoint layout is freed and the weight is held once.
+        w = linear.weight.detach().t()
+        wt = w.contiguous() if out is None else out.copy_(w)
+        self.weight_t = nn.Parameter(wt, requires_grad=False)
         self.bias = linear.bias
         self._lean = None  # (weight_t, its numpy view) once checked: see __call__
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The decode path without nn.Module's call machinery (~2 us of a 4-6 us call on
-        a small matrix; 7 calls per layer per token): a contiguous fp32 CPU input goes
-        straight to the same numpy product `forward` makes (the same bits). Everything
-        else (hooks, another dtype or device, several torch threads) takes the module's
-        ordinary call."""
+        """`forward` without nn.Module's call machinery (~2 us of a 4-6 us call on a small
+        matrix; 7 calls per layer per token): a fp32 CPU input goes straight to the same
+        product `forward` makes (the same bits). Everything else (hooks, another dtype or
+        device) takes the module's ordinary call."""
         lean = self._lean
         if lean is None or lean[0] is not self.weight_t:
             lean = self._lean = self._lean_view()
@@ -127,15 +147,9 @@ class FastLinear(nn.Module):
             or x.dtype is not torch.float32
             or x.device.type != "cpu"
             or _hooked(self)
-            or (x.numel() > NUMPY_MAX_ROWS * self.in_features and torch.get_num_threads() != 1)
         ):
             return nn.Module.__call__(self, x)
-        xn = (x if x.is_contiguous() else x.contiguous()).numpy()
-        if xn.ndim > 2 and xn.shape[0] != 1:  # as in forward: one sgemm over all rows
-            y = torch.from_numpy(np.matmul(xn.reshape(-1, xn.shape[-1]), lean[1]))
-            y = y.view(*xn.shape[:-1], -1)
-        else:
-            y = torch.from_numpy(np.matmul(xn, lean[1]))
+        y = _product(x, lean[0], lean[1])
         return y if self.bias is None else y + self.bias
 
     def _lean_view(self) -> tuple:
@@ -150,28 +164,66 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.weight_t
-        if (
-            USE_NUMPY_BLAS
-            and x.dtype == wt.dtype == torch.float32
-            and x.is_cpu
-            and wt.is_cpu
-            and (x.numel() <= NUMPY_MAX_ROWS * self.in_features or torch.get_num_threads() == 1)
-        ):
-            # numpy's OpenBLAS (module docstring) on views of the same storage; numpy
-            # allocates the result, torch takes it over without a copy (~2 us per call less
-            # than allocating it through torch: 7 calls per layer per token).
-            xn = (x if x.is_contiguous() else x.contiguous()).numpy()  # BLAS-able strides
-            if xn.ndim > 2 and xn.shape[0] != 1:  # one sgemm over all rows: numpy would
-                rows = np.matmul(xn.reshape(-1, xn.shape[-1]), wt.numpy())  # loop the batch
-                y = torch.from_numpy(rows.reshape(*xn.shape[:-1], -1))
-            else:
-                y = torch.from_numpy(np.matmul(xn, wt.numpy()))
+        if USE_NUMPY_BLAS and x.dtype == wt.dtype == torch.float32 and x.is_cpu and wt.is_cpu:
+            y = _product(x, wt, wt.detach().numpy())
         else:
             y = torch.matmul(x, wt)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def _product(x: torch.Tensor, wt: torch.Tensor, wn: np.ndarray) -> torch.Tensor:
+    """x @ wt (fp32, CPU; wn: numpy's view of wt). Decode-sized inputs (<= NUMPY_MAX_ROWS
+    rows) through numpy's one-thread OpenBLAS, streaming the weight; a prompt's rows through
+    oneDNN on the same storage (its AVX-512 sgemm, at the run's torch threads), else torch.
+    The kernel depends only on the shape and the thread count: 1 and N ranks agree."""
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    if rows > NUMPY_MAX_ROWS and ONEDNN_PROMPTS and _ONEDNN:
+        x2 = x.reshape(rows, n)
+        y = _linear_pointwise(x2 if x2.is_contiguous() else x2.contiguous(), wt.t(), None,
+                              "none", [], "")  # fmt: skip
+        return y.view(*x.shape[:-1], y.shape[-1])
+    if rows <= NUMPY_MAX_ROWS or torch.get_num_threads() == 1:
+        return _np_matmul(x, wn)
+    return torch.matmul(x, wt)
+
+
+def _np_matmul(x: torch.Tensor, wn: np.ndarray) -> torch.Tensor:
+    """x @ wn through numpy's BLAS (fp32 CPU x; wn a numpy view of a weight). numpy
+    allocates the result, torch takes it over without a copy (~2 us per call less than
+    allocating it through torch: 7 calls per layer per token)."""
+    xn = (x if x.is_contiguous() else x.contiguous()).numpy()  # BLAS-able strides
+    if xn.ndim > 2 and xn.shape[0] != 1:  # one sgemm over all rows: numpy would loop the batch
+        return torch.from_numpy(np.matmul(xn.reshape(-1, xn.shape[-1]), wn)).view(
+            *xn.shape[:-1], -1
+        )
+    return torch.from_numpy(np.matmul(xn, wn))
+
+
+def _onednn_linear():
+    """oneDNN's fp32 linear as torch exposes it (the op inductor's CPU code calls), taking
+    the weight as a [out, in] view of our [in, out] storage (no copy, no second layout);
+    None where absent or where a small product disagrees with torch's beyond rounding."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, wt = torch.randn(40, 24, generator=g), torch.randn(24, 8, generator=g)
+        ok = torch.allclose(op(x, wt.t(), None, "none", [], ""), x @ wt, rtol=1e-4, atol=1e-5)
+    except (RuntimeError, TypeError):
+        return None
+    return op if ok else None
+
+
+_linear_pointwise = _onednn_linear()
+_ONEDNN = _linear_pointwise is not None
+ONEDNN_PROMPTS = True
+"""Fast kernels multiply a prompt's rows through oneDNN (False: numpy's OpenBLAS at one
+thread, torch's MKL at several; kept for measuring the difference)."""
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -238,22 +290,63 @@ def apply_kernels(module: nn.Module, kernels: str) -> nn.Module:
     for m in module.modules():
         for p in m.parameters(recurse=False):
             uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
-    _swap(module, uses)
+    swap = _to_swap(module, uses)
+    slots = _weight_buffer([m.weight for m in swap]) if HUGE_PAGES else {}
+    _swap(module, set(map(id, swap)), slots)
     if LEAN_CALLS:
         _make_lean(module)
     return module
 
 
-def _swap(module: nn.Module, uses: dict[int, int]) -> None:
+def _to_swap(module: nn.Module, uses: dict[int, int]) -> list:
+    """The nn.Linears "fast" replaces: on the CPU (cuBLAS needs no help: CUDA keeps exact),
+    each weight used by that module alone."""
+    return [
+        m
+        for m in module.modules()
+        if type(m) is nn.Linear and m.weight.device.type == "cpu" and uses[m.weight.data_ptr()] == 1
+    ]
+
+
+def _swap(module: nn.Module, swap: set, slots: dict) -> None:
     for name, child in list(module.named_children()):
-        if (
-            type(child) is nn.Linear
-            and child.weight.device.type == "cpu"  # cuBLAS needs no help: CUDA keeps exact
-            and uses[child.weight.data_ptr()] == 1
-        ):
-            setattr(module, name, FastLinear(child))  # the [out, in] copy goes with child
+        if id(child) in swap:  # the [out, in] copy goes with child
+            setattr(module, name, FastLinear(child, slots.get(id(child.weight))))
         elif not isinstance(child, FastLinear):
-            _swap(child, uses)
+            _swap(child, swap, slots)
+
+
+HUGE_PAGES = True
+"""Fast kernels hold a stage's transposed weights in one buffer on 2 MiB pages (False:
+one tensor each; kept for measuring the difference)."""
+
+_HUGE = 2 << 20
+
+
+def _weight_buffer(weights: list) -> dict:
+    """One buffer for all of `weights` (by id -> a [in, out] slot of it), mapped with
+    MADV_HUGEPAGE: a decode step streams every weight once, and on 4 KiB pages the
+    hardware prefetcher stops at each page boundary and every page costs a TLB miss; on
+    2 MiB pages the same products stream ~10% faster (measured in the README's speed
+    section). Where the kernel gives no huge pages the buffer is an ordinary mapping."""
+    if not weights:
+        return {}
+    at, offsets = 0, []
+    for w in weights:
+        offsets.append(at)
+        at += -(-w.numel() * w.element_size() // 64) * 64  # 64-byte aligned slots
+    mm = mmap.mmap(-1, at + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # no transparent huge pages: ordinary pages
+            mm.madvise(mmap.MADV_HUGEPAGE)
+    buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive
+    base = -buf.data_ptr() % _HUGE  # the first 2 MiB boundary: whole huge pages
+    slots = {}
+    for w, off in zip(weights, offsets, strict=True):
+        n = w.numel() * w.element_size()
+        a = base + off
+        slots[id(w)] = buf[a : a + n].view(w.dtype).view(w.shape[1], w.shape[0])
+    return slots
 
 
 def load_stage(spec, start: int, end: int, dtype: str, device, source, kernels: str = "fast"):

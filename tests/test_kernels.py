@@ -32,12 +32,13 @@ def stories(shared_data):
 def logits(spec, source, cuts, kernels, ids):
     """Greedy steps through the stages of `cuts`: logits of every step."""
     stages = [load_stage(spec, a, b, "float32", "cpu", source, kernels) for a, b in cuts]
-    caches = [st.new_cache(B, P + G) for st in stages]
+    p = ids.shape[1]
+    caches = [st.new_cache(B, p + G) for st in stages]
     out, x = [], ids
     for step in range(G):
         h = x
         for st, cache in zip(stages, caches, strict=True):
-            h = st(h, cache, position_ids(B, P, step), first_position(P, step))
+            h = st(h, cache, position_ids(B, p, step), first_position(p, step))
         out.append(h)
         x = h.argmax(-1, keepdim=True)
     return out
@@ -52,6 +53,8 @@ def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
     assert len(fast_linears) == 7 * spec.num_layers + 1
     assert not any(isinstance(m, nn.Linear) for m in fast.modules())
     assert fast.weight_bytes() == exact.weight_bytes()  # no second copy
+    # ... all of them slots of the stage's one weight buffer (huge pages where given).
+    assert len({m.weight_t.untyped_storage().data_ptr() for m in fast_linears}) == 1
     # Read every tensor back through the modules and compare with the file itself.
     with safe_open(str(shared_data / "stories260K-hf" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -65,9 +68,10 @@ def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
 
 
 @pytest.mark.parametrize("kernels", ["fast", "exact"])
-def test_partitions_give_bitwise_identical_logits(shared_data, kernels):
+@pytest.mark.parametrize("p", [P, 12])  # 12: 24 prompt rows, the fast prompt path (oneDNN)
+def test_partitions_give_bitwise_identical_logits(shared_data, kernels, p):
     _, spec, source = stories(shared_data)
-    ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, spec.vocab_size, (B, p), generator=torch.Generator().manual_seed(1))
     n = spec.n_units
     whole = logits(spec, source, [(0, n)], kernels, ids)
     for cuts in ([0, 1, n], [0, 3, n - 1, n], list(range(n + 1))):
@@ -88,6 +92,27 @@ def test_fast_logits_stay_within_rounding_of_exact(shared_data):
     assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(fast, exact, strict=True))
 
 
+def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
+    """The product's kernel is chosen by its rows alone: > NUMPY_MAX_ROWS through oneDNN
+    (where torch has it), fewer through numpy's OpenBLAS; both equal x @ W to rounding."""
+    from edgeshard_mpi import kernels
+
+    if not (kernels._ONEDNN and kernels.USE_NUMPY_BLAS):
+        pytest.skip("torch without oneDNN or numpy without OpenBLAS here")
+    calls = []
+    dnn, np_matmul = kernels._linear_pointwise, kernels._np_matmul
+    monkeypatch.setattr(kernels, "_linear_pointwise", lambda *a: calls.append("dnn") or dnn(*a))
+    monkeypatch.setattr(kernels, "_np_matmul", lambda *a: calls.append("np") or np_matmul(*a))
+    lin = nn.Linear(48, 40)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    fast = FastLinear(lin)
+    for rows, kernel in ((1, "np"), (kernels.NUMPY_MAX_ROWS, "np"), (40, "dnn")):
+        calls.clear()
+        x = torch.randn(1, rows, 48)
+        torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
+        assert calls == [kernel], rows
+
+
 def test_kernels_field_is_checked(tmp_path):
     ok = parse_job('[model]\nsource = "tiny"\n[runtime]\nkernels = "exact"\n', tmp_path / "j")
     assert ok.runtime.kernels == "exact"
@@ -105,7 +130,7 @@ def test_ranks_agree_and_equal_generate_through_mpiexec(kernels, shared_data, wr
         job = write_job(
             {
                 "model": {"source": path},
-                "workload": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 12},
+                "workload": {"prompts": 2, "prompt_tokens": 20, "new_tokens": 12},  # 20: oneDNN
                 "runtime": {"kernels": kernels, "threads": 1},
                 "output": {"path": str(tmp_path / f"r{n}.h5")},
             },

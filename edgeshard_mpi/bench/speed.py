@@ -8,9 +8,10 @@ environment through a .pth file, to avoid a second 700 MB torch). Everything bui
 under the cache folder (default ~/.cache/edgeshard-llamacpp), never in the checkout.
 
 Measured in one run, interleaved round by round (medians of the rounds), 1 thread per
-process (`--threads 2`: 2 each, both tools), on a random Llama of hidden 512, 8 layers,
-vocab 32000 (58M parameters, 232 MB fp32; saved as a Hugging Face checkpoint so that both
-tools read the same weights) and on the trained stories260K:
+process, and 1 process of each tool at 2 threads (`--threads 1,2`, the default: the full
+table at the first count, the 1-process rows at the others), on a random Llama of hidden
+512, 8 layers, vocab 32000 (58M parameters, 232 MB fp32; saved as a Hugging Face checkpoint
+so that both tools read the same weights) and on the trained stories260K:
 - llama.cpp: 1 process; main + 1 and main + 3 RPC servers (-ngl 99: the layers are spread
   over the servers), `llama-bench` tg (decode) and pp (prompt) speed;
 - this project: 1, 2 and 4 ranks (even partition), decode ms/token from the token times
@@ -273,7 +274,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument(
-        "--threads", type=int, default=1, help="threads per process, both tools (default 1)"
+        "--threads",
+        default="1,2",
+        help="threads per process, both tools: the full table at the first, 1 process of "
+        "each tool (fast kernels) at the others (default 1,2)",
     )
     ap.add_argument(
         "--kernels",
@@ -298,10 +302,15 @@ def main(argv=None) -> None:
         lc, ggufs = None, {}
         print(f"bench-speed: llama.cpp skipped: {e}")
     kernels = args.kernels.split(",")
+    threads = [int(t) for t in args.threads.split(",")]
+    from ..kernels import BLAS_CORE  # what the ranks' numpy BLAS runs (same environment)
+
+    print(f"numpy's OpenBLAS kernels: {BLAS_CORE} (OPENBLAS_CORETYPE="
+          f"{os.environ.get('OPENBLAS_CORETYPE', 'unset')})")  # fmt: skip
     rows: dict[tuple, list] = {}
     for rnd in range(args.rounds):
         for name, path in models.items():
-            g, p, t = args.new_tokens, args.prompt_tokens, args.threads
+            g, p, t = args.new_tokens, args.prompt_tokens, threads[0]
             if lc is not None:
                 for servers in (0, 1, 3):
                     key = (name, f"llama.cpp, main + {servers} RPC" if servers else "llama.cpp, 1")
@@ -315,15 +324,24 @@ def main(argv=None) -> None:
                     rows.setdefault((name, f"this project ({k}), {n} rank"), []).append(
                         (dec, pp, hop, compute)
                     )
+            for t in threads[1:]:  # 1 process of each tool at t threads
+                if lc is not None:
+                    rows.setdefault((name, f"llama.cpp, 1, {t} threads"), []).append(
+                        llama_bench(lc, ggufs[name], 0, g, p, t)
+                    )
+                dec, pp, _ = project(1, str(path), kernels[0], out, g, p, args.prompts, threads=t)
+                rows.setdefault((name, f"this project ({kernels[0]}), 1 rank, {t} threads"),
+                                []).append((dec, pp))  # fmt: skip
         last = {" | ".join(k): [round(x, 3) for x in v[-1]] for k, v in rows.items()}
         print(f"  round {rnd + 1}/{args.rounds}: {json.dumps(last)}", flush=True)
     med = {k: tuple(median(col) for col in zip(*vs, strict=True)) for k, vs in rows.items()}
     bw = read_bandwidth()
-    report(med, models, bw, kernels, lc is not None, args.threads)
+    report(med, models, bw, kernels, lc is not None, threads)
     (out / "summary.json").write_text(
         json.dumps(
             {
                 "bandwidth_bytes_per_s": bw,
+                "blas_core": BLAS_CORE,
                 "rounds": {" | ".join(k): v for k, v in rows.items()},
                 "median": {" | ".join(k): v for k, v in med.items()},
             },
@@ -334,9 +352,10 @@ def main(argv=None) -> None:
 
 
 def report(
-    med: dict, models: dict, bw: float, kernels: list, have_lc: bool, threads: int = 1
+    med: dict, models: dict, bw: float, kernels: list, have_lc: bool, thread_counts: list
 ) -> None:
     names = list(models)
+    threads = thread_counts[0]
     head = f"ms per generated token ({threads} thread(s) per process; medians of rounds)"
     print(f"\n| {head} | {' | '.join(names)} |")
     configs = []
@@ -381,6 +400,18 @@ def report(
         if have_lc:
             cells.insert(0, f"llama.cpp {med[(m, 'llama.cpp, 1')][1]:.0f}")
         print(f"{m}: " + ", ".join(cells))
+    for t in thread_counts[1:]:
+        print(f"\n{t} threads per process (1 process of each tool, {kernels[0]} kernels)")
+        for m in names:
+            ours = med[(m, f"this project ({kernels[0]}), 1 rank, {t} threads")]
+            line = f"{m}: this project {ours[0]:.3f} ms/token, prompt {ours[1]:.0f} tokens/s"
+            ref = med.get((m, f"llama.cpp, 1, {t} threads"))
+            if ref:
+                line += (
+                    f"; llama.cpp {ref[0]:.3f} ms/token, prompt {ref[1]:.0f} tokens/s; "
+                    f"decode {ours[0] / ref[0]:.2f}x, prompt {ours[1] / ref[1]:.2f}x"
+                )
+            print(line)
     print(f"\none core reads {bw / 1e9:.1f} GB/s (sum over 256 MB)")
     for m, path in models.items():
         floor = streamed_bytes(str(path)) / bw * 1e3
