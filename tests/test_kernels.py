@@ -81,7 +81,8 @@ def test_partitions_give_bitwise_identical_logits(shared_data, kernels, p):
 
 def test_fast_logits_stay_within_rounding_of_exact(shared_data):
     _, spec, source = stories(shared_data)
-    ids = torch.randint(3, spec.vocab_size, (B, P), generator=torch.Generator().manual_seed(2))
+    # 12 prompt tokens: 24 rows, the prompt's products through oneDNN, then decode's numpy
+    ids = torch.randint(3, spec.vocab_size, (B, 12), generator=torch.Generator().manual_seed(2))
     n = spec.n_units
     fast = logits(spec, source, [(0, n)], "fast", ids)
     exact = logits(spec, source, [(0, n)], "exact", ids)
