@@ -34,3 +34,30 @@ def test_a_waiting_rank_sleeps_until_rung_and_gets_its_messages():
     assert rung["small"]["wakeups"] < min(200, polled["small"]["wakeups"] / 2)
     # ...and it still wakes promptly when the message comes (not a bell_timeout later).
     assert rung["small"]["wall_s"] < 0.2 + 0.05
+
+
+def test_phase_timing_driver_dumps_every_rank(write_job, tmp_path):
+    """bench-stagecost's driver (edgeshard_mpi.bench.phases) runs a real job on 2 ranks and
+    each rank dumps its decode phases' wall and CPU time."""
+    job = write_job(
+        {
+            "model": {"source": "tiny", "seed": 11},
+            "workload": {"tokenizer": "bytes", "prompts": 2, "batch_size": 1, "new_tokens": 6},
+            "partition": {"strategy": "even"},
+        }
+    )
+    prefix = tmp_path / "phases"
+    env = dict(os.environ, MPIEXEC_TIMEOUT="120", EDGESHARD_PHASES=str(prefix))
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-m",
+           "edgeshard_mpi.bench.phases", "run", str(job)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from edgeshard_mpi.bench import phases
+
+    dumps = phases.read(str(prefix), 2)
+    assert [d["rank"] for d in dumps] == [0, 1]
+    for d in dumps:
+        wall, cpu, calls = d["_compute"]
+        assert calls == 2 * 5  # 2 groups x 5 decode steps (the prefill is left out)
+        assert 0 < cpu <= wall * 1.05 + 1e-3
+        assert d["run"][0] >= wall and d["_recv"][2] == 2 * 5
