@@ -3,7 +3,8 @@
 MPICH's blocking MPI_Recv (and every blocking collective) busy-polls a core. With more ranks
 than cores, a waiting rank then steals the CPU from the rank that computes and the whole
 chain slows several-fold. Every wait here is MPI_Test followed by a short sleep, with the
-sleep backing off from `poll_min` to `poll_max`.
+sleep backing off from `poll_min` to `poll_max`; a run's receive from a rank of the same
+host sleeps until the sender rings its doorbell (recv_wait, wakeup.py).
 """
 
 from __future__ import annotations

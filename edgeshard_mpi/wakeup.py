@@ -2,16 +2,16 @@
 until the sender rings, instead of waking every 20-100 us to poll MPI.
 
 MPICH's blocking receive busy-polls a core, so the runtime's waits test the request and
-sleep between tests (comm.py). On the 2-core host of the benchmarks that polling cost the
-waiting ranks ~80 wake-ups per token on the 232 MB model (about 1 ms of CPU time per token
-at 2 ranks, taken from the computing rank when ranks outnumber cores) and up to one poll
-interval of latency per hop. Here each rank owns a named FIFO; after posting a send to a
-rank of the same host, the sender writes one byte into the receiver's FIFO, and a waiting
-rank blocks in select() on its FIFO (no CPU at all while it waits) and tests its request
-when woken. A ring may be for another message or may come before its data can be taken
-(a large message needs the sender's progress), so once rung a wait polls as before (select()
-with a backing-off timeout, so a further ring still wakes it at once), and an unrung wait
-is bounded too (Transport.bell_timeout), a safety net. Ranks on other
+sleep between tests (comm.py). On the 2-core host of the benchmarks that polling woke the
+waiting ranks ~90 / ~320 times per token on the 232 MB model at 2 / 4 ranks, burned 1.3 /
+3.5 ms of CPU per token and raised the computing ranks' own CPU time by ~1.1-1.4 ms per
+extra rank (`make bench-stagecost`, README). Here each rank owns a named FIFO; after
+posting a send to a rank of the same host, the sender writes one byte into the receiver's
+FIFO, and a waiting rank blocks in select() on its FIFO (no CPU at all while it waits) and
+tests its request when woken. A ring may be for another message or may come before its
+data can be taken (a large message needs the sender's progress), so once rung a wait polls
+as before (select() with a backing-off timeout, so a further ring still wakes it at once),
+and an unrung wait is bounded too (Transport.bell_timeout), a safety net. Ranks on other
 hosts are never rung; their receivers keep the plain sleeping poll.
 """
 
