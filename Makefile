@@ -41,7 +41,7 @@ bench-overhead: install
 	$(BIN)/python -m edgeshard_mpi.bench.overhead --model small --out results/bench-overhead-small
 
 # What an extra rank costs per token and where (per-phase wall/CPU per rank), the waiting
-# ranks' doorbells off vs on, 1/2/4 ranks, bench-speed's models (about 15 min).
+# ranks' doorbells off vs on, 1/2/4 ranks, bench-speed's models (about 5 min).
 bench-stagecost: install
 	$(BIN)/python -m edgeshard_mpi.bench.stagecost --out results/bench-stagecost
 
