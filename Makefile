@@ -16,7 +16,7 @@ export EDGESHARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # The demo serves the trained stories260K model when the data folder has it, else a preset.
 JOB     ?= $(if $(wildcard $(EDGESHARD_DATA)/stories260K-hf/config.json),jobs/demo.toml,jobs/demo-synthetic.toml)
 
-.PHONY: install demo test lint bench-overhead bench-speed bench-planner bench-pipeline bench-steady bench-slowlinks bench bench-quick report clean
+.PHONY: install demo test lint bench-overhead bench-stagecost bench-speed bench-planner bench-pipeline bench-steady bench-slowlinks bench bench-quick report clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ lint: install
 bench-overhead: install
 	$(BIN)/python -m edgeshard_mpi.bench.overhead --model tiny --out results/bench-overhead-tiny
 	$(BIN)/python -m edgeshard_mpi.bench.overhead --model small --out results/bench-overhead-small
+
+# What an extra rank costs per token and where (per-phase wall/CPU per rank), the waiting
+# ranks' doorbells off vs on, 1/2/4 ranks, bench-speed's models (about 5 min).
+bench-stagecost: install
+	$(BIN)/python -m edgeshard_mpi.bench.stagecost --out results/bench-stagecost
 
 # Decode speed against llama.cpp (built from the llama-cpp-python sdist into
 # ~/.cache/edgeshard-llamacpp; needs cmake, a C++ compiler and PyPI once) and the memory floor.

@@ -3,7 +3,8 @@
 MPICH's blocking MPI_Recv (and every blocking collective) busy-polls a core. With more ranks
 than cores, a waiting rank then steals the CPU from the rank that computes and the whole
 chain slows several-fold. Every wait here is MPI_Test followed by a short sleep, with the
-sleep backing off from `poll_min` to `poll_max`.
+sleep backing off from `poll_min` to `poll_max`; a run's receive from a rank of the same
+host sleeps until the sender rings its doorbell (recv_wait, wakeup.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import heapq
 import itertools
+import os
 import pickle
 import sys
 import threading
@@ -22,6 +24,7 @@ import torch
 from mpi4py import MPI
 
 from . import watchdog
+from .wakeup import Doorbells
 
 _PR_SET_TIMERSLACK = 29
 
@@ -79,6 +82,7 @@ class LinkEmulator(threading.Thread):
         super().__init__(daemon=True, name="edgeshard-links")
         self.comm, self.latency, self.bandwidth = comm, latency, bandwidth
         self.shaper_burst = shaper_burst
+        self.on_post = None  # called with dest after each posted send (doorbells)
         self.busy = np.zeros(len(latency))
         self.heap: list = []
         self.seq = itertools.count()
@@ -114,6 +118,8 @@ class LinkEmulator(threading.Thread):
                     continue
                 _, _, p, buf, dest, tag = heapq.heappop(self.heap)
             p.req = self.comm.Isend(buf, dest=dest, tag=tag)
+            if self.on_post is not None:
+                self.on_post(dest)
 
 
 class Transport:
@@ -126,6 +132,19 @@ class Transport:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.links: LinkEmulator | None = None
+        self.bells: Doorbells | None = None
+        self.bell_timeout = 2e-3  # a local receive's sleep before its ring (a safety net)
+
+    def enable_doorbells(self) -> None:
+        """Collective: receives from ranks of this host sleep until rung (see wakeup.py).
+        EDGESHARD_DOORBELLS=0 in every rank's environment keeps the plain sleep-polls (the
+        comparison of `make bench-overhead`)."""
+        if os.environ.get("EDGESHARD_DOORBELLS", "1") == "0":
+            return
+        bells = Doorbells(self.comm)
+        self.bells = bells if bells.active else None
+        if self.links is not None and self.bells is not None:
+            self.links.on_post = self.bells.ring
 
     def emulate_links(
         self,
@@ -135,12 +154,17 @@ class Transport:
     ) -> None:
         """Delay this rank's data messages as the testbed's links would (see testbed.py)."""
         self.links = LinkEmulator(self.comm, latency, bandwidth, shaper_burst)
+        if self.bells is not None:
+            self.links.on_post = self.bells.ring
 
     def isend_buf(self, buf, dest: int, tag: int):
         """Isend of a buffer through the (possibly emulated) link; returns a request."""
         if self.links is not None:
-            return self.links.submit(buf, dest, tag)
-        return self.comm.Isend(buf, dest=dest, tag=tag)
+            return self.links.submit(buf, dest, tag)  # rung when the emulator posts it
+        req = self.comm.Isend(buf, dest=dest, tag=tag)
+        if self.bells is not None:
+            self.bells.ring(dest)
+        return req
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -154,6 +178,34 @@ class Transport:
             while not req.Test(status):
                 time.sleep(delay)
                 delay = min(delay * 2, self.poll_max)
+        return time.perf_counter() - t0
+
+    def recv_wait(self, req: MPI.Request, source: int, status: MPI.Status | None = None) -> float:
+        """Wait for a receive from `source` (its sender rings, see isend_buf); returns the
+        seconds waited. Until the ring, the rank sleeps in the kernel (bounded by
+        `bell_timeout`); after it, or while this rank's own sends are in flight (a large
+        message moves only while both sides call MPI), it polls as sleep_wait does."""
+        bells = self.bells
+        if bells is None or source not in bells.peers:
+            return self.sleep_wait(req, status)
+        if req.Test(status):
+            return 0.0
+        t0 = time.perf_counter()
+        delay, rings = self.poll_min, 0
+        rung = on_credit = bells.spare > 0  # an earlier wait may have read this one's ring
+        with watchdog.waiting():
+            while True:
+                self.progress()
+                if rung or self._sends:
+                    got = bells.wait(delay)
+                    delay = min(delay * 2, self.poll_max)
+                else:
+                    got = bells.wait(self.bell_timeout)
+                rings += got
+                rung |= got > 0
+                if req.Test(status):
+                    break
+        bells.settle(rings, on_credit)
         return time.perf_counter() - t0
 
     def quiet_barrier(self, max_sleep_s: float = 2e-3) -> None:

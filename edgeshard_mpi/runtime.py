@@ -204,7 +204,8 @@ class Runtime:
         else:
             posted, req = self._posted.pop(key)
             assert posted == a, f"rank {self.rank}: receive order broken ({posted} != {a})"
-            self._res.recv_wait_s += self.tp.sleep_wait(req, self._status)
+            source = sch.peer(a, self.stage_ranks)
+            self._res.recv_wait_s += self.tp.recv_wait(req, source, self._status)
             if self._status.Get_count(MPI.BYTE) == 0:
                 msg = None
             else:  # a token is copied out; an activation is read in place by the compute

@@ -97,6 +97,7 @@ def setup(job_path: str, tp, need_prompts: bool = True):
     # Every command's waits (run, profile, eval) sleep as the job says, from here on.
     tp.poll_min = job.runtime.poll_min_us * 1e-6
     tp.poll_max = job.runtime.poll_max_us * 1e-6
+    tp.enable_doorbells()  # receives from ranks of this host sleep until rung (wakeup.py)
     return job, spec, prompts, out
 
 

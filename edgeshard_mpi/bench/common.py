@@ -32,8 +32,10 @@ def run_job(
     mpi_args: tuple[str, ...] = (),
     env: dict | None = None,
     timeout: int = 1800,
+    module: str = "edgeshard_mpi",
 ) -> dict:
-    """Write `job` to `path`, run it on n ranks, return the run file's contents."""
+    """Write `job` to `path`, run it on n ranks, return the run file's contents. `module`:
+    what mpi4py runs (e.g. edgeshard_mpi.bench.phases, which times the runtime's phases)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_out.dumps(job))
     out = Path(job["output"]["path"])
@@ -47,7 +49,7 @@ def run_job(
         "-m",
         "mpi4py",
         "-m",
-        "edgeshard_mpi",
+        module,
         "run",
         str(path),
     ]
