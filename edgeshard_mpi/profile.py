@@ -360,7 +360,11 @@ def profile_cluster(
     # median, so each device's numbers span the same stretch of time.
     rounds = EMULATED_ROUNDS if emulation.MODE != "none" else 1
     runs = []
-    for _ in range(rounds):
+    # Ranks that share a host also share its cores in a pipelined run: time a stage loop
+    # alone (in the first turn) and with every rank of the host at once (contention.py).
+    shared = host_comm.Get_size() > 1
+    loop, solo = None, float("nan")
+    for r in range(rounds):
         result = None
         for turn in range(host_comm.Get_size()):  # ranks of one host take turns
             if host_comm.Get_rank() == turn:
@@ -383,6 +387,11 @@ def profile_cluster(
                     )
                     wake = _wake(spec, source, dtype, device, me, cold, kernels)
                     result = (*result, np.array([wake]))
+                    if shared and r == 0:
+                        from .contention import Loop
+
+                        loop = Loop(spec, source, dtype, device, me.memory_budget, kernels)
+                        solo = loop.run()
                 except CheckpointError as e:  # every rank must still reach the barriers
                     result = f"[rank {tp.rank}] {e}"
             tp.quiet_wait(host_comm.Ibarrier())  # not sleep_wait: see quiet_wait
@@ -390,7 +399,21 @@ def profile_cluster(
             # watchdog then took the link measurement's first waits for a stall.)
             watchdog.beat()
         runs.append(result)
+    together = float("nan")
+    if loop is not None:
+        tp.quiet_wait(host_comm.Ibarrier())
+        together = loop.run()
+        loop.close()
+        tp.quiet_wait(host_comm.Ibarrier())
+        watchdog.beat()
+    elif shared:
+        tp.quiet_wait(host_comm.Ibarrier())
+        tp.quiet_wait(host_comm.Ibarrier())
     host_comm.Free()
+    from .contention import host_cores
+
+    factor = together / solo if solo > 0 and np.isfinite(together) else 1.0
+    contention = tp.allgather((max(1.0, float(factor)), host_cores()))
     bad = [r for r in runs if isinstance(r, str)]
     if bad:
         result = bad[0]
@@ -410,6 +433,9 @@ def profile_cluster(
     lat = link_lat + wake[None, :] * (1.0 - np.eye(tp.size))
     if wake.any():
         log("wake-up cost per stage call (ms): " + " ".join(f"{w * 1e3:.2f}" for w in wake))
+    if shared:
+        log("contention (all ranks of a host at once / alone): "
+            + " ".join(f"{c[0]:.2f}" for c in contention))  # fmt: skip
     n = spec.n_units
     act = np.array([spec.hidden_size * DTYPE_BYTES[dtype]] * (n - 1) + [TOKEN_BYTES], float)
     return Profile(
@@ -441,6 +467,8 @@ def profile_cluster(
             "kernels": kernels,
             "method": method,
             "wake_s": wake.tolist(),
+            "contention": [c[0] for c in contention],
+            "host_cores": [c[1] for c in contention],
             "link_latency_s": link_lat.tolist(),
         },
     )

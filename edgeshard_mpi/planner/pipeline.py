@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import schedule as sch
+from .contention import stage_factors
 from .plan import Plan
 from .problem import Infeasible, PlannerLimit, Problem, Profile, make_problem
 
@@ -47,12 +48,19 @@ class Prediction:
         }
 
 
-def cost_functions(plan: Plan, prob: Problem):
+def cost_functions(plan: Plan, prob: Problem, in_flight: int = 1):
     """(compute_s(stage, step), hop_s(src, dst, stage, step)) for schedule.simulate, from
-    the profile at the problem's batch size. Step 0 is the prefill."""
+    the profile at the problem's batch size, `in_flight` micro-batches in flight. Step 0
+    is the prefill."""
     stages = plan.stages
+    # Stages busy together share their host's cores (planner/contention.py).
+    slow = stage_factors(prob.profile, [s.rank for s in stages], in_flight)
     pre = [float(prob.prefill[s.rank, s.start : s.end].sum()) for s in stages]
     dec = [float(prob.decode[s.rank, s.start : s.end].sum()) for s in stages]
+    pre, dec = (
+        [x * f for x, f in zip(pre, slow, strict=True)],
+        [x * f for x, f in zip(dec, slow, strict=True)],
+    )
     lat, bw = prob.profile.latency_s, prob.profile.bandwidth
     ret = prob.return_s()
     last = len(stages) - 1
@@ -83,7 +91,7 @@ def predict(
         rounds = max(2, SIM_ACTION_LIMIT // (per_group * slots))
         sim_groups = min(groups, rounds * slots)
     shape = sch.Shape(groups=sim_groups, slots=min(slots, sim_groups), steps=steps)
-    compute_s, hop_s = cost_functions(plan, prob)
+    compute_s, hop_s = cost_functions(plan, prob, shape.active_slots)
     ranks = [s.rank for s in plan.stages]
     sim = sch.simulate(ranks, shape, order, compute_s, hop_s)
     busy = [0.0] * n_stages
