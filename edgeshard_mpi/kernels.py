@@ -292,7 +292,12 @@ def apply_kernels(module: nn.Module, kernels: str) -> nn.Module:
             uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
     swap = _to_swap(module, uses)
     slots = _weight_buffer([m.weight for m in swap]) if HUGE_PAGES else {}
-    _swap(module, set(map(id, swap)), slots)
+    # Only ids from here on: holding the old modules would keep every [out, in] weight
+    # alive until the last is swapped (twice the stage's weights at the peak); swapped
+    # one by one, the old layout is freed as each new one is written.
+    ids = set(map(id, swap))
+    del swap
+    _swap(module, ids, slots)
     if LEAN_CALLS:
         _make_lean(module)
     return module
