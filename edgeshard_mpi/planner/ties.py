@@ -25,12 +25,15 @@ import time
 import numpy as np
 
 from .reach import _subset_sums
-from .tiebound import CountBound
+from .tielag import DeviceBound
 
 INF = np.inf
 LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
 CHUNK_MADE = 1_000_000  # labels a batch may make, at most (transient: ~150 bytes each)
 LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
+# The prices' subgradient: at most this share of the time left, and these CPU seconds.
+PRICE_SHARE, PRICE_SECONDS = 0.25, 0.6
+RISES = (0.002, 0.005, 0.01, 0.02)  # thresholds above the root bound, relative
 
 
 def tail_bound(seg, hop, ret, limit: float) -> np.ndarray:
@@ -53,25 +56,49 @@ def least_latency(
 ):
     """The least-latency chain within `limit` as (latency, [(device, start, end)]);
     (upper, None) when none beats `upper`, the latency of a chain known to fit (then that
-    chain is the answer); None when the budget ran out first."""
-    m, n1, _ = seg.shape
-    n = n1 - 1
+    chain is the answer); None when the budget ran out first.
+
+    The label DP keeps every label whose latency plus the bound on its rest is below a
+    threshold. It meets plans only at its last level, so a loose threshold (the known
+    plan's latency) keeps labels a tight one would drop: the thresholds rise from just
+    above the bound at the root (DeviceBound, priced) to `upper`; the first pass that
+    finds a plan below its threshold has found the least (a plan below the threshold
+    keeps every prefix)."""
+    n1 = seg.shape[1]
     ok = seg <= limit
     ends = np.where(ok, np.arange(n1)[None, None, :], -1).max(axis=2)
     far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])  # [j, x]
+    after = tail_bound(seg, hop, ret, limit)
+    dev = DeviceBound(seg, hop, ret, src, limit, far)
+    root = -INF
+    if dev.ok:
+        left = deadline - time.process_time()
+        root = dev.price(upper, min(PRICE_SHARE * left, PRICE_SECONDS))
+    if not np.isfinite(upper) or not np.isfinite(root) or root <= 0:
+        return _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev)
+    for rise in RISES:
+        cap = root * (1 + rise)
+        if cap >= upper:
+            break
+        got = _labels(seg, hop, ret, src, limit, cap, memory_budget, deadline, far, after, dev)
+        if got is None:
+            return None
+        if got[1] is not None:
+            return got
+    return _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev)
+
+
+def _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev):
+    """least_latency's label DP at one threshold (`upper`)."""
+    m, n1, _ = seg.shape
+    n = n1 - 1
     cap = (far - np.arange(n1)[None, :]).max(axis=1).astype(np.int64)
     left_cap = _subset_sums(cap)[::-1]  # [S]: what the devices outside S can hold
-    after = tail_bound(seg, hop, ret, limit)
-    count = CountBound(seg, hop, ret, src, limit, far)
 
     def rest(S, k, e):
         """A lower bound on what a label still adds: the larger of the two bounds."""
         b = after[e, k]
-        if count.ok:
-            open_ = e < n
-            b = b.copy()
-            b[open_] = np.maximum(b[open_], count.bound(S[open_], k[open_], e[open_]))
-        return b
+        return np.maximum(b, dev.bound(S, k, e)) if dev.ok else b
 
     hop_ok = hop <= limit
     ret_ok = ret <= limit
