@@ -471,7 +471,9 @@ def test_device_bound_is_below_every_chains_rest(inst, kind, prices):
         if not db.ok:
             continue
         if prices == "priced":
-            db.price(upper=db.root()[0] * 1.5 + 1.0, seconds=1.0, iters=8)
+            # targets near and far above the root (the steps then overshoot: the
+            # prices kept are the best root's, restored)
+            db.price(upper=db.root()[0] * rng.uniform(1.0, 1.3) + 1e-3, seconds=1.0, iters=12)
         else:
             db.lam = rng.uniform(0, 2.0, db.m) * (rng.random(db.m) < 0.7)
             db.lam[0] = 0.0
@@ -496,15 +498,23 @@ def test_device_bound_is_below_every_chains_rest(inst, kind, prices):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances, st.sampled_from(["plain", "holes", "alike"]))
-def test_tie_label_dp_finds_the_least_latency_alone(inst, kind):
+@given(instances, st.sampled_from(["plain", "holes", "alike"]), st.sampled_from([True, False]))
+def test_tie_label_dp_finds_the_least_latency_alone(inst, kind, unpriced):
     """The tie-break's label DP (ties.least_latency) with a known plan worse than every
     chain, at candidate bottlenecks: it must find the least latency itself (its pruning,
-    bound and rising thresholds included), not fall back on a seed plan."""
+    bound and rising thresholds included), not fall back on a seed plan; with the
+    unpriced first try, and without it (straight to the priced bound)."""
     import time
 
-    from edgeshard_mpi.planner import exact
-    from edgeshard_mpi.planner.ties import least_latency
+    from edgeshard_mpi.planner import exact, ties
+
+    def least_latency(*a):
+        keep = ties.UNPRICED_S
+        ties.UNPRICED_S = keep if unpriced else 0.0
+        try:
+            return ties.least_latency(*a)
+        finally:
+            ties.UNPRICED_S = keep
 
     seed, m, n, tight, heads, strategy = inst
     rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
 # The prices' subgradient: these steps (12: the least time over the bench's ten 20-device
 # instances, 6-16 tried), at most this share of the time left and these CPU seconds.
 PRICE_ITERS, PRICE_SHARE, PRICE_SECONDS = 12, 0.25, 0.6
+UNPRICED_S = 0.05  # CPU seconds the unpriced bound gets before the prices are set
 RISES = (0.002, 0.005, 0.01, 0.02)  # thresholds above the root bound, relative
 
 
@@ -71,22 +72,30 @@ def least_latency(
     far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])  # [j, x]
     after = tail_bound(seg, hop, ret, limit)
     dev = DeviceBound(seg, hop, ret, src, limit, far)
-    root = -INF
-    if dev.ok:
-        left = deadline - time.process_time()
-        root = dev.price(upper, min(PRICE_SHARE * left, PRICE_SECONDS), PRICE_ITERS)
-    if not np.isfinite(upper) or not np.isfinite(root) or root <= 0:
-        return _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev)
-    for rise in RISES:
-        cap = root * (1 + rise)
-        if cap >= upper:
-            break
-        got = _labels(seg, hop, ret, src, limit, cap, memory_budget, deadline, far, after, dev)
-        if got is None:
-            return None
-        if got[1] is not None:
-            return got
-    return _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev)
+
+    def rising(root: float, stop: float):
+        """The passes at rising thresholds, each within `stop` (CPU time)."""
+        if not np.isfinite(upper) or not np.isfinite(root) or root <= 0:
+            return _labels(seg, hop, ret, src, limit, upper, memory_budget, stop, far, after, dev)
+        for rise in RISES:
+            cap = root * (1 + rise)
+            if cap >= upper:
+                break
+            got = _labels(seg, hop, ret, src, limit, cap, memory_budget, stop, far, after, dev)
+            if got is None or got[1] is not None:
+                return got
+        return _labels(seg, hop, ret, src, limit, upper, memory_budget, stop, far, after, dev)
+
+    if not dev.ok:
+        return rising(-INF, deadline)
+    # Unpriced first, briefly: small instances end there; pricing costs its tables
+    # PRICE_ITERS times. A pass cut short by this slice proves nothing: priced next.
+    got = rising(dev.root()[0], min(deadline, time.process_time() + UNPRICED_S))
+    if got is not None:
+        return got
+    left = deadline - time.process_time()
+    root = dev.price(upper, min(PRICE_SHARE * left, PRICE_SECONDS), PRICE_ITERS)
+    return rising(root, deadline)
 
 
 def _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev):
