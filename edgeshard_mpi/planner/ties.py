@@ -73,11 +73,11 @@ def least_latency(
     after = tail_bound(seg, hop, ret, limit)
     dev = DeviceBound(seg, hop, ret, src, limit, far)
 
-    def rising(root: float, stop: float):
+    def rising(root: float, stop: float, rises=RISES):
         """The passes at rising thresholds, each within `stop` (CPU time)."""
         if not np.isfinite(upper) or not np.isfinite(root) or root <= 0:
             return _labels(seg, hop, ret, src, limit, upper, memory_budget, stop, far, after, dev)
-        for rise in RISES:
+        for rise in rises:
             cap = root * (1 + rise)
             if cap >= upper:
                 break
@@ -90,7 +90,7 @@ def least_latency(
         return rising(-INF, deadline)
     # Unpriced first, briefly: small instances end there; pricing costs its tables
     # PRICE_ITERS times. A pass cut short by this slice proves nothing: priced next.
-    got = rising(dev.root()[0], min(deadline, time.process_time() + UNPRICED_S))
+    got = rising(dev.root()[0], min(deadline, time.process_time() + UNPRICED_S), (0.01,))
     if got is not None:
         return got
     left = deadline - time.process_time()
