@@ -448,12 +448,16 @@ def test_count_bound_is_below_every_chains_rest(inst, kind, max_states):
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    instances, st.sampled_from(["plain", "holes", "alike"]), st.sampled_from(["priced", "random"])
+    instances,
+    st.sampled_from(["plain", "holes", "alike"]),
+    st.sampled_from(["priced", "random"]),
+    st.sampled_from([10**6, 250]),
 )
-def test_device_bound_is_below_every_chains_rest(inst, kind, prices):
+def test_device_bound_is_below_every_chains_rest(inst, kind, prices, max_states):
     """The tie-break's priced bound (tielag.py), at every prefix of every chain within a
     candidate bottleneck: at most what the chain still adds, with the subgradient's prices
-    and with random ones (any prices >= 0 must keep it a bound)."""
+    and with random ones (any prices >= 0 must keep it a bound), also with clusters
+    coarsened."""
     from edgeshard_mpi.planner import exact
     from edgeshard_mpi.planner.tielag import DeviceBound
 
@@ -467,7 +471,7 @@ def test_device_bound_is_below_every_chains_rest(inst, kind, prices):
     for lim in exact._candidates(ins)[::4]:
         ends = np.where(seg <= lim, np.arange(n1)[None, None, :], -1).max(axis=2)
         far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
-        db = DeviceBound(seg, hop, ret, 0, lim, far)
+        db = DeviceBound(seg, hop, ret, 0, lim, far, max_states)
         if not db.ok:
             continue
         if prices == "priced":

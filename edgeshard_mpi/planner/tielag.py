@@ -14,7 +14,8 @@ priced cost minus those prices is at most its cost (Lagrangian relaxation of "ea
 at most once"). The prices are chosen by subgradient steps at the root (a device the
 relaxed chain uses twice is priced up, one it leaves out priced down): the bound at the
 root closes most of its gap to the least latency (20 x 162: 3.33 s -> 3.45 s of 3.467).
-Tables: (n + width) x devices x prod(cluster size + 1) floats, clusters as tiebound.py.
+Tables: (n + width) x devices x prod(cluster size + 1) floats, clusters as tiebound.py
+(coarsened until n x devices x prod(size + 1) <= 1 M).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ CHUNK_BITS = 11  # the set-to-index tables: one gather per 11 devices
 
 
 class DeviceBound:
-    def __init__(self, seg, hop, ret, src: int, limit: float, far, max_states=4_000_000):
+    # Cells n x max(clusters, devices) x prod(size + 1): each of the subgradient's builds
+    # costs devices^2 x prod(size + 1) per cut, so fewer than tiebound.py allows.
+    def __init__(self, seg, hop, ret, src: int, limit: float, far, max_states=1_000_000):
         m, n1, _ = seg.shape
         n = n1 - 1
         self.m, self.n, self.src = m, n, src
