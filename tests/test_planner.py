@@ -446,6 +446,113 @@ def test_count_bound_is_below_every_chains_rest(inst, kind, max_states):
                         assert got <= rest * (1 + 1e-12) + 1e-15, (chain, b, i)
 
 
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    instances,
+    st.sampled_from(["plain", "holes", "alike"]),
+    st.sampled_from(["priced", "random"]),
+    st.sampled_from([10**6, 250]),
+)
+def test_device_bound_is_below_every_chains_rest(inst, kind, prices, max_states):
+    """The tie-break's priced bound (tielag.py), at every prefix of every chain within a
+    candidate bottleneck: at most what the chain still adds, with the subgradient's prices
+    and with random ones (any prices >= 0 must keep it a bound), also with clusters
+    coarsened."""
+    from edgeshard_mpi.planner import exact
+    from edgeshard_mpi.planner.tielag import DeviceBound
+
+    seed, m, n, tight, heads, strategy = inst
+    rng = np.random.default_rng(seed)
+    prof = random_profile(rng, max(m, 3), n, tight=tight, head_holders=heads)
+    prof = {"holes": partly_capable, "alike": near_alike}.get(kind, lambda r, p: p)(rng, prof)
+    ins = exact.build(make_problem(prof, strategy=strategy), collapse=False)
+    seg, hop, ret, n1 = ins.seg, ins.hop, ins.ret, ins.n + 1
+    others = range(1, len(ins.counts))
+    for lim in exact._candidates(ins)[::4]:
+        ends = np.where(seg <= lim, np.arange(n1)[None, None, :], -1).max(axis=2)
+        far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
+        db = DeviceBound(seg, hop, ret, 0, lim, far, max_states)
+        if not db.ok:
+            continue
+        if prices == "priced":
+            # targets near and far above the root (the steps then overshoot: the
+            # prices kept are the best root's, restored)
+            db.price(upper=db.root()[0] * rng.uniform(1.0, 1.3) + 1e-3, seconds=1.0, iters=12)
+        else:
+            db.lam = rng.uniform(0, 2.0, db.m) * (rng.random(db.m) < 0.7)
+            db.lam[0] = 0.0
+            db._tables()
+        for k in range(min(len(others), n - 1) + 1):
+            for seq in itertools.permutations(others, k):
+                chain = [0, *seq]
+                for cuts in itertools.combinations(range(1, n), len(chain) - 1):
+                    b = [0, *cuts, n]
+                    parts = [seg[d, b[i], b[i + 1]] for i, d in enumerate(chain)]
+                    parts += [hop[b[i + 1], d, chain[i + 1]] for i, d in enumerate(chain[:-1])]
+                    parts.append(ret[chain[-1]])
+                    if max(parts) > lim:
+                        continue
+                    for i in range(len(chain)):
+                        rest = sum(seg[d, b[j], b[j + 1]] for j, d in enumerate(chain) if j > i)
+                        rest += sum(hop[b[j + 1], chain[j], chain[j + 1]] for j in range(i, k))
+                        rest += ret[chain[-1]]
+                        S = np.array([sum(1 << d for d in chain[: i + 1])])
+                        got = db.bound(S, np.array([chain[i]]), np.array([b[i + 1]]))[0]
+                        assert got <= rest * (1 + 1e-12) + 1e-12, (chain, b, i, db.lam)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances, st.sampled_from(["plain", "holes", "alike"]), st.sampled_from([True, False]))
+def test_tie_label_dp_finds_the_least_latency_alone(inst, kind, unpriced):
+    """The tie-break's label DP (ties.least_latency) with a known plan worse than every
+    chain, at candidate bottlenecks: it must find the least latency itself (its pruning,
+    bound and rising thresholds included), not fall back on a seed plan; with the
+    unpriced first try, and without it (straight to the priced bound)."""
+    import time
+
+    from edgeshard_mpi.planner import exact, ties
+
+    def least_latency(*a):
+        keep = ties.UNPRICED_S
+        ties.UNPRICED_S = keep if unpriced else 0.0
+        try:
+            return ties.least_latency(*a)
+        finally:
+            ties.UNPRICED_S = keep
+
+    seed, m, n, tight, heads, strategy = inst
+    rng = np.random.default_rng(seed)
+    prof = random_profile(rng, max(m, 3), n, tight=tight, head_holders=heads)
+    prof = {"holes": partly_capable, "alike": near_alike}.get(kind, lambda r, p: p)(rng, prof)
+    ins = exact.build(make_problem(prof, strategy=strategy), collapse=False)
+    seg, hop, ret = ins.seg, ins.hop, ins.ret
+    others = range(1, len(ins.counts))
+    chains = []
+    for k in range(min(len(others), n - 1) + 1):
+        for seq in itertools.permutations(others, k):
+            chain = [0, *seq]
+            for cuts in itertools.combinations(range(1, n), len(chain) - 1):
+                b = [0, *cuts, n]
+                parts = [seg[d, b[i], b[i + 1]] for i, d in enumerate(chain)]
+                hops = [hop[b[i + 1], d, chain[i + 1]] for i, d in enumerate(chain[:-1])]
+                vals = [*parts, *hops, ret[chain[-1]]]
+                chains.append((max(vals), sum(vals)))
+    chains = np.array(chains)
+    for lim in exact._candidates(ins)[::3]:
+        fit = chains[chains[:, 0] <= lim, 1]
+        if len(fit) == 0:
+            continue
+        # a loose known plan (the thresholds rise) and one just above the least (a bound
+        # above some chain's rest would drop the least and answer "none below")
+        for upper in (fit.max() + 1.0, fit.min() * (1 + 1e-7) + 1e-12):
+            got = least_latency(seg, hop, ret, 0, lim, upper, 1e9, time.process_time() + 60)
+            assert got is not None and got[1] is not None
+            assert got[0] == pytest.approx(fit.min(), rel=1e-9, abs=1e-12)
+            path = got[1]
+            assert path[0][:2] == (0, 0) and path[-1][2] == n
+            assert len({d for d, _, _ in path}) == len(path)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances, st.sampled_from(["latency", "throughput"]))
 def test_heuristic_past_the_budget_is_labelled_with_a_valid_bound(inst, objective):

@@ -8,7 +8,7 @@
    EdgeShard's pipelined choice (plan x micro-batch size x count in flight) predicts at
    least the tokens/s of Cloud-Edge-Opt's and Edge-Solo's own choices.
 
-    python -m edgeshard_mpi.bench.planner [--quick] [--out DIR]
+    python -m edgeshard_mpi.bench.planner [--quick] [--out DIR] [--seeds 0,1,2] [--cases "20 x"]
 """
 
 from __future__ import annotations
@@ -126,7 +126,15 @@ def main(argv=None) -> None:
         "--quick", action="store_true", help="skip the 20 x 162 case, fewer sweep points"
     )
     ap.add_argument("--out", type=Path, default=Path("results/bench-planner"))
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds of the non-uniform layers' jitter (each such case per seed)",
+    )
+    ap.add_argument("--cases", default="", help="only the cases whose label contains this")
+    ap.add_argument("--no-pipeline", action="store_true", help="skip the pipeline check")
     args = ap.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
 
     def log(row):
         print("  " + json.dumps(row, default=str), flush=True)
@@ -134,19 +142,24 @@ def main(argv=None) -> None:
     print("solvers (paper testbed, Llama2-70B, resized; seconds on this machine):")
     rows = []
     for label, kw, target, must_exact in CASES:
-        if args.quick and kw.get("units") == 162:
+        if (args.quick and kw.get("units") == 162) or args.cases not in label:
             continue
-        for objective in ("latency", "throughput"):
-            r = solve_row(label, kw, objective) | {"target_s": target, "must_exact": must_exact}
-            rows.append(r)
-            log(r)
-    print("pipeline check (EdgeShard's choice vs the baselines' own choices, tokens/s):")
-    mbps = (1, 10, 50) if args.quick else (1, 2, 5, 10, 20, 50)
-    pipe = pipeline_check(("7b", "13b", "70b"), mbps, log)
+        for seed in seeds if kw.get("jitter") else [0]:
+            name = f"{label}, seed {seed}" if kw.get("jitter") and seeds != [0] else label
+            for objective in ("latency", "throughput"):
+                r = solve_row(name, kw | {"seed": seed}, objective)
+                r |= {"target_s": target, "must_exact": must_exact, "seed": seed}
+                rows.append(r)
+                log(r)
+    pipe = []
+    if not args.no_pipeline:
+        print("pipeline check (EdgeShard's choice vs the baselines' own choices, tokens/s):")
+        mbps = (1, 10, 50) if args.quick else (1, 2, 5, 10, 20, 50)
+        pipe = pipeline_check(("7b", "13b", "70b"), mbps, log)
 
     print()
     print(
-        f"{'case':<34}{'objective':>11}{'time':>10}{'cpu':>9}{'peak':>9}{'types':>6}{'exact':>7}"
+        f"{'case':<42}{'objective':>11}{'time':>10}{'cpu':>9}{'peak':>9}{'types':>6}{'exact':>7}"
         f"{'ties':>6}{'gap':>8}  verdict"
     )
     for r in rows:
@@ -162,7 +175,7 @@ def main(argv=None) -> None:
             verdict.append("NOT EXACT")
         gap = r.get("gap")
         print(
-            f"{r['case']:<34}{r['objective']:>11}{fmt_s(r['seconds']):>10}{fmt_s(r['cpu_s']):>9}"
+            f"{r['case']:<42}{r['objective']:>11}{fmt_s(r['seconds']):>10}{fmt_s(r['cpu_s']):>9}"
             f"{r['peak_bytes'] / 1e6:>7.0f}MB{r.get('types') or '-':>6}"
             f"{yes(r.get('exact')):>7}{yes(r.get('tie_break_exact')):>6}"
             f"{'-' if gap is None else f'{gap * 100:.1f}%':>8}  {', '.join(verdict)}"

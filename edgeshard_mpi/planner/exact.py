@@ -54,6 +54,9 @@ TIE_BUDGET = 0.5  # estimated seconds the latency tie-break at the optimum may a
 # 0.6 CPU s on a quiet host and up to 1.8 s at load 30 (CPU time grows with contention).
 TIE_SECONDS = {16: 3.0, None: 3.0}
 TIE_MEMORY = {16: 6e8, None: 2e8}
+# CPU seconds of swaps that improve the seed plan: the label DP's thresholds now rise from
+# its bound, so the seed is only its last threshold (and the answer past the budget).
+TIE_IMPROVE_S = 0.15
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -283,7 +286,7 @@ def _throughput(sv: Solver) -> tuple[Outcome, float]:
 
         size = 16 if m <= 16 else None
         deadline = time.process_time() + TIE_SECONDS[size]
-        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_SECONDS[size] / 6)
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, best, lim, TIE_IMPROVE_S)
         if start is None:  # (cannot happen: the order of `best` fits) keep the probe's plan
             upper, start = _path_latency(inst, best), best
         got = least_latency(

@@ -25,12 +25,17 @@ import time
 import numpy as np
 
 from .reach import _subset_sums
-from .tiebound import CountBound
+from .tielag import DeviceBound
 
 INF = np.inf
 LABEL_BYTES = 40.0  # bytes per label kept (the level's arrays and the path history)
 CHUNK_MADE = 1_000_000  # labels a batch may make, at most (transient: ~150 bytes each)
 LABEL_S = 1.5e-7  # seconds per label made (numpy, a shared 2-core machine)
+# The prices' subgradient: these steps (12: the least time over the bench's ten 20-device
+# instances, 6-16 tried), at most this share of the time left and these CPU seconds.
+PRICE_ITERS, PRICE_SHARE, PRICE_SECONDS = 12, 0.25, 0.6
+UNPRICED_S = 0.05  # CPU seconds the unpriced bound gets before the prices are set
+RISES = (0.002, 0.005, 0.01, 0.02)  # thresholds above the root bound, relative
 
 
 def tail_bound(seg, hop, ret, limit: float) -> np.ndarray:
@@ -53,25 +58,57 @@ def least_latency(
 ):
     """The least-latency chain within `limit` as (latency, [(device, start, end)]);
     (upper, None) when none beats `upper`, the latency of a chain known to fit (then that
-    chain is the answer); None when the budget ran out first."""
-    m, n1, _ = seg.shape
-    n = n1 - 1
+    chain is the answer); None when the budget ran out first.
+
+    The label DP keeps every label whose latency plus the bound on its rest is below a
+    threshold. It meets plans only at its last level, so a loose threshold (the known
+    plan's latency) keeps labels a tight one would drop: the thresholds rise from just
+    above the bound at the root (DeviceBound, priced) to `upper`; the first pass that
+    finds a plan below its threshold has found the least (a plan below the threshold
+    keeps every prefix)."""
+    n1 = seg.shape[1]
     ok = seg <= limit
     ends = np.where(ok, np.arange(n1)[None, None, :], -1).max(axis=2)
     far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])  # [j, x]
+    after = tail_bound(seg, hop, ret, limit)
+    dev = DeviceBound(seg, hop, ret, src, limit, far)
+
+    def rising(root: float, stop: float, rises=RISES):
+        """The passes at rising thresholds, each within `stop` (CPU time)."""
+        if not np.isfinite(upper) or not np.isfinite(root) or root <= 0:
+            return _labels(seg, hop, ret, src, limit, upper, memory_budget, stop, far, after, dev)
+        for rise in rises:
+            cap = root * (1 + rise)
+            if cap >= upper:
+                break
+            got = _labels(seg, hop, ret, src, limit, cap, memory_budget, stop, far, after, dev)
+            if got is None or got[1] is not None:
+                return got
+        return _labels(seg, hop, ret, src, limit, upper, memory_budget, stop, far, after, dev)
+
+    if not dev.ok:
+        return rising(-INF, deadline)
+    # Unpriced first, briefly: small instances end there; pricing costs its tables
+    # PRICE_ITERS times. A pass cut short by this slice proves nothing: priced next.
+    got = rising(dev.root()[0], min(deadline, time.process_time() + UNPRICED_S), (0.01,))
+    if got is not None:
+        return got
+    left = deadline - time.process_time()
+    root = dev.price(upper, min(PRICE_SHARE * left, PRICE_SECONDS), PRICE_ITERS)
+    return rising(root, deadline)
+
+
+def _labels(seg, hop, ret, src, limit, upper, memory_budget, deadline, far, after, dev):
+    """least_latency's label DP at one threshold (`upper`)."""
+    m, n1, _ = seg.shape
+    n = n1 - 1
     cap = (far - np.arange(n1)[None, :]).max(axis=1).astype(np.int64)
     left_cap = _subset_sums(cap)[::-1]  # [S]: what the devices outside S can hold
-    after = tail_bound(seg, hop, ret, limit)
-    count = CountBound(seg, hop, ret, src, limit, far)
 
     def rest(S, k, e):
         """A lower bound on what a label still adds: the larger of the two bounds."""
         b = after[e, k]
-        if count.ok:
-            open_ = e < n
-            b = b.copy()
-            b[open_] = np.maximum(b[open_], count.bound(S[open_], k[open_], e[open_]))
-        return b
+        return np.maximum(b, dev.bound(S, k, e)) if dev.ok else b
 
     hop_ok = hop <= limit
     ret_ok = ret <= limit
@@ -227,6 +264,8 @@ def improve_order(seg, hop, ret, path, limit: float, seconds: float):
         improved = False
         for i in range(1, len(order)):
             for j in range(i + 1, len(order)):
+                if time.process_time() > stop:
+                    return best, best_path
                 o2 = list(order)
                 o2[i], o2[j] = o2[j], o2[i]
                 v, p2 = order_cuts(seg, hop, ret, o2, limit)
