@@ -57,6 +57,10 @@ TIE_MEMORY = {16: 6e8, None: 2e8}
 # CPU seconds of swaps that improve the seed plan: the label DP's thresholds now rise from
 # its bound, so the seed is only its last threshold (and the answer past the budget).
 TIE_IMPROVE_S = 0.15
+# The latency objective past the chain DP's budget, over distinct devices: the tie-break's
+# label DP with no bottleneck limit (CPU seconds, bytes), exact where it ends in time.
+LATENCY_LABEL_SECONDS = 6.0
+LATENCY_LABEL_MEMORY = 6e8
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -88,6 +92,7 @@ def solve(
         if not out.exact:
             heur = sv.ordered(None)
             out = Outcome(heur.value, heur.path, False, out.lower_bound, sv.passes)
+            out = _latency_labels(sv, out)
         bound = out.lower_bound
     elif objective == "throughput":
         out, bound = _throughput(sv)
@@ -101,7 +106,11 @@ def solve(
             f"types x {inst.n} units); the lower bound is {bound * 1e3:.1f} ms"
         )
     info = {
-        "algorithm": "exact-dp" if out.exact else "heuristic-ordered",
+        "algorithm": (
+            ("exact-label-dp" if getattr(sv, "label_dp", False) else "exact-dp")
+            if out.exact
+            else "heuristic-ordered"
+        ),
         "exact": bool(out.exact),
         "passes": sv.passes,
         "tracked_types": len(sv.tracked),
@@ -121,6 +130,44 @@ def solve(
         info["lower_bound_s"] = float(bound)
         info["gap"] = float(got / bound - 1) if bound > 0 else None
     return plan
+
+
+def _latency_labels(sv: Solver, out: Outcome) -> Outcome:
+    """Where the chain DP stopped short (its tracked types outgrew the budget): over
+    distinct devices, few enough for the label DP's subset tables, the least latency by
+    the label DP of ties.py with no bottleneck limit (the stage, hop and return costs
+    are the same arrays, so memory budgets, units a device cannot run and unit 0 on the
+    source are honoured as there). Its answer is exact; past its own budget `out` stays."""
+    from . import reach
+    from .ties import improve_order, least_latency
+
+    inst = sv.inst
+    m = len(inst.counts)
+    mem, secs = reach.probe_cost(m)
+    if not np.all(inst.counts == 1) or mem > sv.memory_budget or secs >= 30:
+        return out
+    limit = float(np.finfo(float).max)  # every finite cost (inf: cannot) is within it
+    deadline = time.process_time() + LATENCY_LABEL_SECONDS
+    upper, start = INF, None
+    if out.path is not None:
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, out.path, limit, TIE_IMPROVE_S)
+        if start is None:  # (cannot happen: the heuristic's order fits) keep its plan
+            upper, start = _path_latency(inst, out.path), out.path
+    got = least_latency(
+        inst.seg,
+        inst.hop,
+        inst.ret,
+        inst.src,
+        limit,
+        upper,
+        min(sv.memory_budget, LATENCY_LABEL_MEMORY),
+        deadline,
+    )
+    if got is None:
+        return out
+    value, path = got if got[1] is not None else (upper, start)
+    sv.label_dp = True
+    return Outcome(value, path, True, value, sv.passes)
 
 
 def _alike_layers_latency(prob: Problem, devices, strategy: str, memory_budget: float):
