@@ -9,6 +9,8 @@ devices: a relaxation, polynomial (N^2 T^2 cells). Then decremental state-space
 relaxation (Righini & Salani, 2008): the types the best path over-uses get their use
 counted in the state (mixed radix, prod(count + 1) states) and the DP runs again. Each
 pass bounds the optimum from below, so the first path within the counts is optimal.
+Where the tracked counts outgrow the budget over distinct devices (few enough for subset
+tables, about 22), the label DP of ties.py with no bottleneck limit finishes, exactly.
 
 Throughput: binary search over the finite set of candidate bottlenecks (every stage's
 seconds, every hop, every return). A probe at T asks whether a chain keeps every stage,
