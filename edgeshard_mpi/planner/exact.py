@@ -9,6 +9,8 @@ devices: a relaxation, polynomial (N^2 T^2 cells). Then decremental state-space
 relaxation (Righini & Salani, 2008): the types the best path over-uses get their use
 counted in the state (mixed radix, prod(count + 1) states) and the DP runs again. Each
 pass bounds the optimum from below, so the first path within the counts is optimal.
+Where the tracked counts outgrow the budget over distinct devices (few enough for subset
+tables, about 22), the label DP of ties.py with no bottleneck limit finishes, exactly.
 
 Throughput: binary search over the finite set of candidate bottlenecks (every stage's
 seconds, every hop, every return). A probe at T asks whether a chain keeps every stage,
@@ -57,6 +59,10 @@ TIE_MEMORY = {16: 6e8, None: 2e8}
 # CPU seconds of swaps that improve the seed plan: the label DP's thresholds now rise from
 # its bound, so the seed is only its last threshold (and the answer past the budget).
 TIE_IMPROVE_S = 0.15
+# The latency objective past the chain DP's budget, over distinct devices: the tie-break's
+# label DP with no bottleneck limit (CPU seconds, bytes), exact where it ends in time.
+LATENCY_LABEL_SECONDS = 6.0
+LATENCY_LABEL_MEMORY = 6e8
 TIE_REL = 1e-9  # bottlenecks within this relative gap are ties (then: least latency)
 
 
@@ -88,6 +94,7 @@ def solve(
         if not out.exact:
             heur = sv.ordered(None)
             out = Outcome(heur.value, heur.path, False, out.lower_bound, sv.passes)
+            out = _latency_labels(sv, out)
         bound = out.lower_bound
     elif objective == "throughput":
         out, bound = _throughput(sv)
@@ -101,7 +108,11 @@ def solve(
             f"types x {inst.n} units); the lower bound is {bound * 1e3:.1f} ms"
         )
     info = {
-        "algorithm": "exact-dp" if out.exact else "heuristic-ordered",
+        "algorithm": (
+            ("exact-label-dp" if getattr(sv, "label_dp", False) else "exact-dp")
+            if out.exact
+            else "heuristic-ordered"
+        ),
         "exact": bool(out.exact),
         "passes": sv.passes,
         "tracked_types": len(sv.tracked),
@@ -121,6 +132,44 @@ def solve(
         info["lower_bound_s"] = float(bound)
         info["gap"] = float(got / bound - 1) if bound > 0 else None
     return plan
+
+
+def _latency_labels(sv: Solver, out: Outcome) -> Outcome:
+    """Where the chain DP stopped short (its tracked types outgrew the budget): over
+    distinct devices, few enough for the label DP's subset tables, the least latency by
+    the label DP of ties.py with no bottleneck limit (the stage, hop and return costs
+    are the same arrays, so memory budgets, units a device cannot run and unit 0 on the
+    source are honoured as there). Its answer is exact; past its own budget `out` stays."""
+    from . import reach
+    from .ties import improve_order, least_latency
+
+    inst = sv.inst
+    m = len(inst.counts)
+    mem, secs = reach.probe_cost(m)
+    if not np.all(inst.counts == 1) or mem > sv.memory_budget or secs >= 30:
+        return out
+    limit = float(np.finfo(float).max)  # every finite cost (inf: cannot) is within it
+    deadline = time.process_time() + LATENCY_LABEL_SECONDS
+    upper, start = INF, None
+    if out.path is not None:
+        upper, start = improve_order(inst.seg, inst.hop, inst.ret, out.path, limit, TIE_IMPROVE_S)
+        if start is None:  # (cannot happen: the heuristic's order fits) keep its plan
+            upper, start = _path_latency(inst, out.path), out.path
+    got = least_latency(
+        inst.seg,
+        inst.hop,
+        inst.ret,
+        inst.src,
+        limit,
+        upper,
+        min(sv.memory_budget, LATENCY_LABEL_MEMORY),
+        deadline,
+    )
+    if got is None:
+        return out
+    value, path = got if got[1] is not None else (upper, start)
+    sv.label_dp = True
+    return Outcome(value, path, True, value, sv.passes)
 
 
 def _alike_layers_latency(prob: Problem, devices, strategy: str, memory_budget: float):
