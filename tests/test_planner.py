@@ -406,47 +406,6 @@ def test_throughput_ties_go_to_the_least_latency(inst, kind):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances, st.sampled_from(["plain", "holes", "alike"]), st.sampled_from([10**7, 250]))
-def test_count_bound_is_below_every_chains_rest(inst, kind, max_states):
-    """The tie-break's pruning bound (tiebound.py), at every prefix of every chain within
-    a candidate bottleneck: at most what the chain still adds (also with clusters
-    coarsened to one, and with devices that cannot run some units)."""
-    from edgeshard_mpi.planner import exact
-    from edgeshard_mpi.planner.tiebound import CountBound
-
-    seed, m, n, tight, heads, strategy = inst
-    rng = np.random.default_rng(seed)
-    prof = random_profile(rng, max(m, 3), n, tight=tight, head_holders=heads)
-    prof = {"holes": partly_capable, "alike": near_alike}.get(kind, lambda r, p: p)(rng, prof)
-    ins = exact.build(make_problem(prof, strategy=strategy), collapse=False)
-    seg, hop, ret, n1 = ins.seg, ins.hop, ins.ret, ins.n + 1
-    for lim in exact._candidates(ins)[::4]:
-        ends = np.where(seg <= lim, np.arange(n1)[None, None, :], -1).max(axis=2)
-        far = np.where(ends > np.arange(n1)[None, :], ends, np.arange(n1)[None, :])
-        cb = CountBound(seg, hop, ret, 0, lim, far, max_states)
-        if not cb.ok:
-            continue
-        others = range(1, len(ins.counts))
-        for k in range(min(len(others), n - 1) + 1):
-            for seq in itertools.permutations(others, k):
-                chain = [0, *seq]
-                for cuts in itertools.combinations(range(1, n), len(chain) - 1):
-                    b = [0, *cuts, n]
-                    parts = [seg[d, b[i], b[i + 1]] for i, d in enumerate(chain)]
-                    parts += [hop[b[i + 1], d, chain[i + 1]] for i, d in enumerate(chain[:-1])]
-                    parts.append(ret[chain[-1]])
-                    if max(parts) > lim:
-                        continue
-                    for i in range(len(chain) - 1):
-                        rest = sum(seg[d, b[j], b[j + 1]] for j, d in enumerate(chain) if j > i)
-                        rest += sum(hop[b[j + 1], chain[j], chain[j + 1]] for j in range(i, k))
-                        rest += ret[chain[-1]]
-                        S = np.array([sum(1 << d for d in chain[: i + 1])])
-                        got = cb.bound(S, np.array([chain[i]]), np.array([b[i + 1]]))[0]
-                        assert got <= rest * (1 + 1e-12) + 1e-15, (chain, b, i)
-
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     instances,
     st.sampled_from(["plain", "holes", "alike"]),

@@ -8,10 +8,10 @@ dropped before they are expanded:
   most its longest feasible range);
 - their latency plus a lower bound on the rest is no better than a plan already known.
   The bound is the larger of two: the same DP with devices allowed to recur (per cut and
-  last device), and a DP that counts the devices left per cluster of similar devices
-  (tiebound.py, per cut, last device and counts left). The second is what makes 20
-  distinct devices tractable: letting devices recur, the cloud runs range after range
-  and most hops vanish from the bound.
+  last device), and a DP that counts the devices left per cluster of similar devices,
+  with a Lagrangian price per device (tielag.py, per cut, last device and counts left).
+  The second is what makes 20 distinct devices tractable: letting devices recur, the
+  cloud runs range after range and most hops vanish from the bound.
 What survives is exact (nothing dropped could beat the answer). The labels are counted
 as they are made; past the caller's memory or time budget the search stops and says so
 (None), and the caller keeps its plan, labelled as such.
