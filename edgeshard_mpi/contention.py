@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from . import emulation
+from . import emulation, watchdog
 from .kernels import load_stage
 from .model import first_position, position_ids
 
@@ -92,3 +92,19 @@ class Loop:
 
     def close(self) -> None:
         self.stage = self.cache = None
+
+
+def host_factor(loop: Loop | None, solo: float, shared: bool, host_comm, tp) -> float:
+    """Collective over `host_comm`, after the profiling turns: every rank of the host runs
+    its loop at once; this device's together / solo (at least 1; 1 where not measured)."""
+    if not shared:
+        return 1.0
+    together = float("nan")
+    tp.quiet_wait(host_comm.Ibarrier())  # all start together
+    if loop is not None:
+        together = loop.run()
+        loop.close()
+    tp.quiet_wait(host_comm.Ibarrier())
+    watchdog.beat()
+    factor = together / solo if solo > 0 and np.isfinite(together) else 1.0
+    return max(1.0, float(factor))
