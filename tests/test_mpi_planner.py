@@ -59,7 +59,10 @@ def test_edgeshard_profiles_plans_and_runs(objective, write_job, tmp_path):
     assert {"edgeshard", "edgeshard-even", "edge-solo", "cloud-edge-even", "cloud-edge-opt"} <= set(
         alts
     )
-    key = "per_token_s" if objective == "latency" else "bottleneck_s"
+    # The DP's own objective: the strategy-weighted latency (the job's default weighs prefill
+    # and decode equally, as the paper does), not per_token_s, the run's 1/G : (G-1)/G mix,
+    # on which a baseline can legitimately come out ahead by a few percent.
+    key = "latency_s" if objective == "latency" else "bottleneck_s"
     best = alts["edgeshard"]["predicted"][key]
     for name, alt in alts.items():
         if "predicted" in alt:  # the DP is never worse than a baseline on its own objective
