@@ -8,7 +8,9 @@ rounds. Each run goes through edgeshard_mpi.bench.phases, so besides ms/token (f
 token times, prefill excluded, as bench-speed) and the transport per hop (send start to
 receive end, as bench-overhead) it reports, per token summed over the ranks: wall and CPU
 time of computing, of waiting (the CPU a wait burns is its polling), of sending, and the
-wake-ups (voluntary context switches) and preemptions (involuntary ones).
+wake-ups (voluntary context switches) and preemptions (involuntary ones). What an extra rank
+adds is given against each configuration's own 1-rank runs and against all 1-rank runs
+pooled (no rank waits at 1 rank: the same computation whatever the configuration).
 """
 
 from __future__ import annotations
@@ -113,12 +115,22 @@ def main(argv=None) -> None:
                     cells = ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                     print(f"  round {rnd + 1} {m} {name} {n} ranks: {cells}", flush=True)
     med = {k: {f: median([r[f] for r in v]) for f in v[0]} for k, v in rows.items()}
-    report(med, models, configs)
+    # At 1 rank nothing waits, so every configuration's 1-rank run is the same computation
+    # (unless a configuration changes the kernels): their pooled median is a steadier
+    # reference than each configuration's own 3-5 runs (which read 6.98 against 6.36 ms
+    # in one bench, a 0.3 ms swing in every "per extra rank" figure).
+    pooled = {
+        m: median([r["ms_per_token"] for (mm, _, n), v in rows.items() if (mm, n) == (m, 1)
+                   for r in v])
+        for m in models
+    }  # fmt: skip
+    report(med, models, configs, pooled)
     (out / "summary.json").write_text(
         json.dumps(
             {
                 "rounds": {"|".join(map(str, k)): v for k, v in rows.items()},
                 "median": {"|".join(map(str, k)): v for k, v in med.items()},
+                "pooled_1_rank_ms_per_token": pooled,
             },
             indent=2,
         )
@@ -126,7 +138,7 @@ def main(argv=None) -> None:
     print(f"wrote {out / 'summary.json'}")
 
 
-def report(med: dict, models: dict, configs: list) -> None:
+def report(med: dict, models: dict, configs: list, pooled: dict) -> None:
     print("\nper token, medians of rounds (ms; phases summed over ranks, decode steps)")
     cols = ("ms_per_token", "p25_ms_per_token", "transport_ms_per_hop", "compute_wall_ms",
             "compute_cpu_ms", "wait_cpu_ms", "send_wall_ms", "wakeups_per_token",
@@ -144,12 +156,14 @@ def report(med: dict, models: dict, configs: list) -> None:
             for n in RANKS[1:]:
                 r, k = med[(m, name, n)], n - 1
                 added = (r["ms_per_token"] - one["ms_per_token"]) / k
+                vs_pooled = (r["ms_per_token"] - pooled[m]) / k
                 p25 = (r["p25_ms_per_token"] - one["p25_ms_per_token"]) / k
                 wall = (r["compute_wall_ms"] - one["compute_wall_ms"]) / k
                 cpu = (r["compute_cpu_ms"] - one["compute_cpu_ms"]) / k
                 print(
-                    f"{m}, {name}: {n} ranks add {added:.3f} ms per extra rank (p25 of tokens "
-                    f"{p25:.3f}; transport "
+                    f"{m}, {name}: {n} ranks add {added:.3f} ms per extra rank against "
+                    f"this configuration's 1-rank runs, {vs_pooled:.3f} against all 1-rank "
+                    f"runs pooled ({pooled[m]:.3f} ms/token) (p25 of tokens {p25:.3f}; transport "
                     f"{r['transport_ms_per_hop']:.3f} ms per hop; summed compute wall "
                     f"{wall:+.3f}, CPU {cpu:+.3f} ms per extra rank; the waits burn "
                     f"{r['wait_cpu_ms']:.3f} ms CPU per token)"
