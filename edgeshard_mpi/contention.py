@@ -8,14 +8,21 @@ share cores and caches: on the small testbed (4 ranks, 2 cores) the edge stages 
 
 - solo: in its profiling turn, the rank calls one stage of a few decoder layers back to
   back for LOOP_S, sleeping the emulated dilation after each call (emulation.stretch), as
-  a run's stage does, and keeps the median wall time of a call;
-- together: every rank of the host runs the same loop at the same time;
-- the ratio together / solo is the device's contention factor (profile meta
+  a run's stage does, and keeps the mean wall time of a call (the rate at which its calls
+  complete: a pipelined stage's throughput. The median of the calls hid preemption: a
+  2 ms call mostly fits one time slice, so 3 ranks on 2 cores read 1.09-1.36x by the
+  median while their calls completed at 1.8-2.1x);
+- at the cores: as many ranks as the host has cores run the loop at once (in groups, each
+  rank measured once), which is what the host's ranks pay for sharing its memory
+  bandwidth and caches without sharing a core: two mini-7b stages at once on this 2-core
+  host computed 1.29-1.34x their solo time (profile meta "contention_cores");
+- together: every rank of the host runs the same loop at the same time (meta
   "contention", with "host_cores": the cores its host offered).
 
-The planner (planner/contention.py) charges a pipelined stage that factor, scaled by how
-many of the host's ranks the plan keeps busy beyond its cores. Sequential runs compute one
-stage at a time and are not charged.
+The planner (planner/contention.py) charges a pipelined stage by how many of the host's
+ranks the plan keeps busy at once: from 1 (one busy) to the cores' factor (as many as the
+cores), then to the all-ranks factor. Sequential runs compute one stage at a time and are
+not charged.
 """
 
 from __future__ import annotations
@@ -71,8 +78,8 @@ class Loop:
         self.positions = [position_ids(1, PROMPT, i).to(device) for i in range(self.calls + 1)]
 
     def run(self, seconds: float = LOOP_S) -> float:
-        """Median wall seconds of one call, the dilation's sleep included (as the run's
-        stage time is), over `seconds` of back-to-back calls."""
+        """Mean wall seconds of one call, the dilation's sleep included (as the run's stage
+        time is), over `seconds` of back-to-back calls (the first, warming, left out)."""
         if self.stage is None:
             return float("nan")
         times = []
@@ -88,17 +95,48 @@ class Loop:
                 self.stage(self.x, self.cache, self.positions[step], first_position(PROMPT, step))
                 emulation.stretch(t0, c0)
                 times.append(time.perf_counter() - t0)
-        return float(np.median(times[1:]))
+        return float(np.mean(times[1:]))
 
     def close(self) -> None:
         self.stage = self.cache = None
 
 
-def host_factor(loop: Loop | None, solo: float, shared: bool, host_comm, tp) -> float:
-    """Collective over `host_comm`, after the profiling turns: every rank of the host runs
-    its loop at once; this device's together / solo (at least 1; 1 where not measured)."""
+def core_groups(n: int, cores: int) -> list[tuple[list[int], list[int]]]:
+    """(ranks that run, ranks measured) per round, so that every one of n local ranks is
+    measured once with exactly min(cores, n) of them running: consecutive groups of
+    `cores`, the last one filled up from the first ranks (who run again, unmeasured)."""
+    k = max(1, min(cores, n))
+    out = []
+    for start in range(0, n, k):
+        measured = list(range(start, min(start + k, n)))
+        out.append(([(start + i) % n for i in range(k)], measured))
+    return out
+
+
+def host_factor(
+    loop: Loop | None, solo: float, shared: bool, host_comm, tp
+) -> tuple[float, float]:
+    """Collective over `host_comm`, after the profiling turns: (at the cores, together),
+    this device's loop time with as many of the host's ranks running as it has cores,
+    then with all of them, over its solo time (each at least 1; 1 where not measured)."""
     if not shared:
-        return 1.0
+        return 1.0, 1.0
+
+    def ratio(t: float) -> float:
+        return max(1.0, float(t / solo)) if solo > 0 and np.isfinite(t) else 1.0
+
+    me, n = host_comm.Get_rank(), host_comm.Get_size()
+    at_cores = float("nan")
+    groups = core_groups(n, host_cores())
+    if len(groups) > 1:  # (one group: the cores hold every rank, `together` measures it)
+        for running, measured in groups:
+            tp.quiet_wait(host_comm.Ibarrier())  # the group starts together
+            if loop is not None and me in running:
+                t = loop.run()
+                if me in measured:
+                    at_cores = t
+            tp.quiet_wait(host_comm.Ibarrier())
+            watchdog.beat()
     together = float("nan")
     tp.quiet_wait(host_comm.Ibarrier())  # all start together
     if loop is not None:
@@ -106,5 +144,5 @@ def host_factor(loop: Loop | None, solo: float, shared: bool, host_comm, tp) -> 
         loop.close()
     tp.quiet_wait(host_comm.Ibarrier())
     watchdog.beat()
-    factor = together / solo if solo > 0 and np.isfinite(together) else 1.0
-    return max(1.0, float(factor))
+    f_all = ratio(together)
+    return (ratio(at_cores) if len(groups) > 1 else f_all), f_all

@@ -317,9 +317,9 @@ def profile_cluster(
             # watchdog then took the link measurement's first waits for a stall.)
             watchdog.beat()
         runs.append(result)
-    factor = host_factor(loop, solo, shared, host_comm, tp)  # the host's ranks at once
+    at_cores, together = host_factor(loop, solo, shared, host_comm, tp)  # ranks at once
     host_comm.Free()
-    contention = tp.allgather((factor, host_cores()))
+    contention = tp.allgather((together, host_cores(), at_cores))
     bad = [r for r in runs if isinstance(r, str)]
     if bad:
         result = bad[0]
@@ -340,6 +340,8 @@ def profile_cluster(
     if wake.any():
         log("wake-up cost per stage call (ms): " + " ".join(f"{w * 1e3:.2f}" for w in wake))
     if shared:
+        log("contention (as many ranks of a host as cores at once / alone): "
+            + " ".join(f"{c[2]:.2f}" for c in contention))  # fmt: skip
         log("contention (all ranks of a host at once / alone): "
             + " ".join(f"{c[0]:.2f}" for c in contention))  # fmt: skip
     n = spec.n_units
@@ -375,6 +377,7 @@ def profile_cluster(
             "wake_s": wake.tolist(),
             "contention": [c[0] for c in contention],
             "host_cores": [c[1] for c in contention],
+            "contention_cores": [c[2] for c in contention],
             "link_latency_s": link_lat.tolist(),
         },
     )

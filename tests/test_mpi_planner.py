@@ -71,6 +71,10 @@ def test_edgeshard_profiles_plans_and_runs(objective, write_job, tmp_path):
     # The measured profile was saved for reuse next to the results.
     saved = tmp_path / "results" / "run.profile.json"
     assert load_profile(saved).n_devices == 3
+    # with what the ranks of one host cost each other at once (contention.py)
+    meta = load_profile(saved).meta
+    for key in ("contention", "contention_cores"):
+        assert len(meta[key]) == 3 and min(meta[key]) >= 1.0, key
 
 
 def test_profile_command_then_reuse_and_offline_plan(write_job, tmp_path):

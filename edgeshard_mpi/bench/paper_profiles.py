@@ -50,7 +50,7 @@ def moved_source(base_path: Path, path: Path, order: list[int]) -> Path:
         return m
 
     meta = dict(base.meta)
-    for k in ("hosts", "threads", "wake_s", "contention", "host_cores"):
+    for k in ("hosts", "threads", "wake_s", "contention", "host_cores", "contention_cores"):
         if isinstance(meta.get(k), list) and len(meta[k]) == len(order):
             meta[k] = [meta[k][i] for i in order]
     latency = perm(base.latency_s)
