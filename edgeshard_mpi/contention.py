@@ -127,7 +127,9 @@ def host_factor(
 
     me, n = host_comm.Get_rank(), host_comm.Get_size()
     at_cores = float("nan")
-    groups = core_groups(n, host_cores())
+    # Every rank of the host must walk the same groups (the barriers pair up): one count
+    # for all, though a binding may give the ranks different affinities.
+    groups = core_groups(n, max(host_comm.allgather(host_cores())))
     if len(groups) > 1:  # (one group: the cores hold every rank, `together` measures it)
         for running, measured in groups:
             tp.quiet_wait(host_comm.Ibarrier())  # the group starts together
