@@ -187,31 +187,53 @@ def measure_groups(
 
 # -- the cost of waking up ------------------------------------------------------------------
 
-WAKE_GAP_S = 0.02
+WAKE_GAP_S = 0.25
 """How long a stage waits for its input in the wake-up measurement: a run's stage waits
-for the rest of the token's chain, 10-40 ms on the testbeds."""
-WAKE_CALLS = 8
+for the rest of the token's chain, 30-300 ms on `small`, 0.1-3 s on `paper`. The cost
+grows with the wait (measured in a testbed cgroup, mini-7b, CPU ms over a flushed call:
+one layer +0.23 / +0.45 / +0.48 after 20 / 300 / 1000 ms, four layers +0.22 / +0.55 /
++1.0) and levels off past a few hundred ms; 20 ms (the first choice) saw half of it."""
+WAKE_CALLS = 5
 
 
-def _idle(seconds: float) -> None:
-    """Wait as the run's receive does (comm.Transport.sleep_wait: polls 20 us apart,
-    backing off to 100 us), so the host runs its other work meanwhile."""
+def _idle(seconds: float, stream=None) -> None:
+    """Wait as a run's stage waits for its input: asleep (a doorbell wait wakes every
+    2 ms at most: wakeup.py), while other stages compute. `stream`, when given, is called
+    over and over on a second thread meanwhile (a flush: another stage streaming its
+    weights through the shared caches and memory, as the run's other ranks do)."""
+    import threading
+
+    done = threading.Event()
+    worker = None
+    if stream is not None:
+
+        def busy() -> None:
+            while not done.is_set():
+                stream()  # torch releases the GIL while it reads
+
+        worker = threading.Thread(target=busy, daemon=True)
+        worker.start()
     end = time.perf_counter() + seconds
-    delay = 20e-6
-    while time.perf_counter() < end:
-        time.sleep(delay)
-        delay = min(2 * delay, 1e-4)
+    try:
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(min(left, 2e-3))
+    finally:
+        done.set()
+        if worker is not None:
+            worker.join()
 
 
 def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: str) -> float:
-    """Charged seconds a stage call costs more after waiting WAKE_GAP_S for its input, as
-    every stage of a multi-stage run does once per token, than right after a cache flush,
-    as the sequence pass times it. Measured (mini-7b, one layer, CPU time): 0.33 ms back to
+    """Charged seconds a stage call costs more after waiting for its input, as every stage
+    of a multi-stage run does once per token, than right after a cache flush, as the
+    sequence pass times it. The wait is the run's: WAKE_GAP_S asleep while other work
+    streams memory (_idle). First measured (mini-7b, one layer, CPU time): 0.33 ms back to
     back, 0.66 after a flush, 0.93 / 1.43 after sleeping 5 / 40 ms, 1.09 after spinning
     40 ms (other work on the host evicts what a flush leaves: predictors, TLB, the other
-    core's caches after a migration); so a run over k stages paid about k x 1 ms of CPU
-    per token (x 1/share on a dilated device) that a profile of units did not see. The
-    planner charges it with the hop into the device (profile.py adds it to latency_s)."""
+    core's caches after a migration); a wait of 20 ms with nothing else running (the
+    first version) charged a third to a half of what the run's stages then paid (README,
+    "Stages after a wait"). The planner charges it with the hop into the device
+    (profile.py adds it to latency_s)."""
     unit = 1 if spec.n_units > 2 else 0
     if spec.unit_weight_bytes(unit, dtype) > budget / 2:
         return 0.0
@@ -229,7 +251,7 @@ def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: s
         for i in range(calls):
             waited = i % 2 == 1
             if waited:
-                _idle(WAKE_GAP_S)
+                _idle(WAKE_GAP_S, flush if getattr(flush, "buf", None) is not None else None)
             else:
                 flush()
             t0, c0 = time.perf_counter(), emulation.cpu_now()

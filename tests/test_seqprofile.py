@@ -3,6 +3,8 @@ Stage, the way a run calls them. Tiny model, one process: fast."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from edgeshard_mpi import emulation
 from edgeshard_mpi.kernels import load_stage
 from edgeshard_mpi.presets import PRESETS
 from edgeshard_mpi.profile import CacheFlusher, measure_units
-from edgeshard_mpi.seqprofile import _segments, time_segment
+from edgeshard_mpi.seqprofile import WAKE_GAP_S, _idle, _segments, time_segment
 from edgeshard_mpi.weights import weight_source
 
 CPU = torch.device("cpu")
@@ -62,5 +64,30 @@ def test_wake_cost_is_measured_on_an_emulated_device():
     finally:
         emulation.configure("none")
     # Its size follows the host's other work (0.3-1.5 ms of CPU on `small`); only that it
-    # is a cost, and small next to the 20 ms wait it follows.
-    assert 0.0 <= w < 4.0 * 0.02 and nofit == 0.0
+    # is a cost, and small next to the wait it follows.
+    assert 0.0 <= w < 4.0 * WAKE_GAP_S and nofit == 0.0
+
+
+def test_the_wake_measurement_waits_asleep_while_memory_streams():
+    """The wait before a woken call is the run's: asleep for WAKE_GAP_S while another
+    thread streams memory (other stages computing), and the streaming has stopped when
+    the timed call starts."""
+    import threading
+
+    calls, where = [], set()
+
+    def stream():
+        calls.append(time.perf_counter())
+        where.add(threading.get_ident())
+        time.sleep(0.001)
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    _idle(0.1, stream)
+    t1, c1 = time.perf_counter(), time.thread_time()
+    n = len(calls)
+    time.sleep(0.01)
+    assert 0.1 <= t1 - t0 < 0.2
+    assert c1 - c0 < 0.003  # the waiting thread slept (2 ms naps), it did not poll
+    assert n >= 20 and len(calls) == n  # it streamed, and stopped before the call
+    assert threading.get_ident() not in where
+    assert max(calls) <= t1
