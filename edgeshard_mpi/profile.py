@@ -240,14 +240,14 @@ def measure_units(
 
 
 def _wake(spec, source, dtype, device, me, cold: bool, kernels: str) -> float:
-    """An emulated device's stage call after a wait over one after a flush
-    (seqprofile.wake_factor); 1 on real hardware, where it is not measured yet."""
+    """An emulated device's wake-up cost per stage call (seqprofile.wake_cost); 0 on real
+    hardware, where it is not measured yet."""
     if emulation.MODE == "none":
-        return 1.0
-    from .seqprofile import wake_factor
+        return 0.0
+    from .seqprofile import wake_cost
 
     flush = CacheFlusher(cold and getattr(device, "type", "cpu") == "cpu")
-    return wake_factor(spec, source, dtype, device, me.memory_budget, flush, kernels)
+    return wake_cost(spec, source, dtype, device, me.memory_budget, flush, kernels)
 
 
 def profile_cluster(
@@ -333,13 +333,12 @@ def profile_cluster(
     t1 = time.perf_counter()
     link_lat, bw = measure_links(tp, link_repeats)
     log(f"measured {tp.size * (tp.size - 1)} links in {time.perf_counter() - t1:.1f} s")
-    # A stage called after a wait for its input costs more than the sequence pass's call
-    # (seqprofile.wake_factor): the unit times stay as measured (the device's speed), the
-    # planner scales them by this factor (meta.wake_factor; planner/problem.py).
+    # A hop also wakes its receiver: its next stage call costs more than a profiled one
+    # (seqprofile.wake_cost); charged with the hop, once per stage call as the run pays it.
     wake = np.array([float(t[2][0]) for t in times])
-    lat = link_lat
-    if (wake != 1.0).any():
-        log("wake-up factor per stage call: " + " ".join(f"{w:.2f}" for w in wake))
+    lat = link_lat + wake[None, :] * (1.0 - np.eye(tp.size))
+    if wake.any():
+        log("wake-up cost per stage call (ms): " + " ".join(f"{w * 1e3:.2f}" for w in wake))
     if shared:
         log("contention (as many ranks of a host as cores at once / alone): "
             + " ".join(f"{c[2]:.2f}" for c in contention))  # fmt: skip
@@ -375,7 +374,7 @@ def profile_cluster(
             "threads": [d.threads for d in devices],
             "kernels": kernels,
             "method": method,
-            "wake_factor": wake.tolist(),
+            "wake_s": wake.tolist(),
             "contention": [c[0] for c in contention],
             "host_cores": [c[1] for c in contention],
             "contention_cores": [c[2] for c in contention],

@@ -20,7 +20,7 @@ the run does instead:
   is counted once per call, not once per unit, so the units of a stage sum to its call;
 - no sleep after a call on an emulated device (the run sleeps the dilation): sleeping
   made the profiled speeds 1.07-1.25x slower than the configured shares (see README,
-  "Wake-up cost and idle polling"); wake_factor below prices a wait before a call;
+  "Wake-up cost and idle polling"); wake_cost below prices a wait before a call;
 - caches are flushed once per token (other stages run between a stage's visits in a run),
   not once per unit;
 - decode: the mean over up to STEPS steps spread over the generation (what a token costs
@@ -223,33 +223,21 @@ def _idle(seconds: float, stream=None) -> None:
             worker.join()
 
 
-WAKE_LAYERS = 4
-"""Decoder layers in the wake-up measurement's stage (fewer where the budget is tight)."""
-
-
-def wake_factor(spec, source, dtype: str, device, budget: float, flush, kernels: str) -> float:
-    """How much more a stage call costs after waiting for its input, as every stage of a
-    multi-stage run does once per token (and a dilated device's one stage after its own
-    dilation sleep), than right after a cache flush, as the sequence pass times it: the
-    ratio of the two, >= 1. The wait is the run's: WAKE_GAP_S asleep while other work
-    streams memory (_idle). A ratio, not a cost per call: the run's extra cost grows with
-    the stage (paper testbed, 24 Nov: an embedding-only stage +0.5 ms, one layer +13 ms,
-    4 layers +13-16 ms, 23 layers +40-60 ms charged), which a fixed cost per hop (the
-    first version, a one-layer call) charged to every stage alike. First measured
-    (mini-7b, one layer, CPU time): 0.33 ms back to back, 0.66 after a flush, 0.93 / 1.43
-    after sleeping 5 / 40 ms, 1.09 after spinning 40 ms (other work on the host evicts
-    what a flush leaves: predictors, TLB, the other core's caches after a migration). The
-    planner scales the device's unit times by it (planner/problem.make_problem)."""
-    first = 1 if spec.n_units > 2 else 0
-    last = first
-    while (
-        last < min(first + WAKE_LAYERS, max(spec.n_units - 1, 1))
-        and sum(spec.unit_weight_bytes(u, dtype) for u in range(first, last + 1)) <= budget / 2
-    ):
-        last += 1
-    if last == first:
-        return 1.0
-    stage = load_stage(spec, first, last, dtype, device, source, kernels)
+def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: str) -> float:
+    """Charged seconds a stage call costs more after waiting for its input, as every stage
+    of a multi-stage run does once per token, than right after a cache flush, as the
+    sequence pass times it. The wait is the run's: WAKE_GAP_S asleep while other work
+    streams memory (_idle). First measured (mini-7b, one layer, CPU time): 0.33 ms back to
+    back, 0.66 after a flush, 0.93 / 1.43 after sleeping 5 / 40 ms, 1.09 after spinning
+    40 ms (other work on the host evicts what a flush leaves: predictors, TLB, the other
+    core's caches after a migration); a wait of 20 ms with nothing else running (the
+    first version) charged a third to a half of what the run's stages then paid (README,
+    "Stages after a wait"). The planner charges it with the hop into the device
+    (profile.py adds it to latency_s)."""
+    unit = 1 if spec.n_units > 2 else 0
+    if spec.unit_weight_bytes(unit, dtype) > budget / 2:
+        return 0.0
+    stage = load_stage(spec, unit, unit + 1, dtype, device, source, kernels)
     prompt, calls = 8, 2 * WAKE_CALLS + 2
     cache = stage.new_cache(1, prompt + calls + 1)
     if stage.has_embed:
@@ -272,4 +260,4 @@ def wake_factor(spec, source, dtype: str, device, budget: float, flush, kernels:
             _sync(device)
             (woken if waited else flushed).append(emulation.charged(t0, c0))
     del stage
-    return max(1.0, float(np.median(woken[1:]) / np.median(flushed[1:])))
+    return max(0.0, float(np.median(woken[1:]) - np.median(flushed[1:])))

@@ -658,31 +658,3 @@ def test_a_recurring_device_is_refused_with_the_plan():
     prof.decode_s[0, 1] *= 0.01
     with pytest.raises(Infeasible, match=r"more than one stage.*one stage per rank"):
         make_plan(make_problem(prof), "edgeshard", "latency", "paper")
-
-
-def test_wake_factor_scales_each_devices_unit_times_in_every_plan():
-    """meta.wake_factor (a stage call after a wait over the profiled one, per device) scales
-    that device's unit times, also inside a baseline's sub-problem over fewer devices."""
-    from dataclasses import replace
-
-    rng = np.random.default_rng(7)
-    base = random_profile(rng, 4, 7, tight=2.0)
-    f = np.array([1.5, 1.0, 2.0, 1.25])
-    prof = replace(base, meta=dict(base.meta or {}, wake_factor=f.tolist()))
-    plain, woken = make_problem(base), make_problem(prof)
-    assert np.allclose(woken.compute, plain.compute * f[:, None])
-    assert np.allclose(woken.decode, plain.decode * f[:, None])
-    want, _ = brute(woken, "latency", devices=[0, prof.cloud])
-    plan = make_plan(woken, "cloud-edge-opt", "latency")  # plans over a sub-problem
-    assert value(plan, woken, "latency") == pytest.approx(want, rel=1e-9)
-
-
-@pytest.mark.parametrize("bad", [[1.2, 1.1], [1.0, 0.5, 1.0, 1.0], "x", [1.0, None, 1.0, 1.0]])
-def test_a_wrong_wake_factor_is_refused_by_name(bad):
-    from dataclasses import replace
-
-    from edgeshard_mpi.planner.problem import ProfileError
-
-    base = random_profile(np.random.default_rng(1), 4, 6)
-    with pytest.raises(ProfileError, match=r"meta\.wake_factor"):
-        make_problem(replace(base, meta=dict(base.meta or {}, wake_factor=bad)))

@@ -50,14 +50,13 @@ def moved_source(base_path: Path, path: Path, order: list[int]) -> Path:
         return m
 
     meta = dict(base.meta)
-    for k in ("hosts", "threads", "wake_s", "wake_factor", "contention", "host_cores",
-              "contention_cores"):  # fmt: skip
+    for k in ("hosts", "threads", "wake_s", "contention", "host_cores", "contention_cores"):
         if isinstance(meta.get(k), list) and len(meta[k]) == len(order):
             meta[k] = [meta[k][i] for i in order]
     latency = perm(base.latency_s)
     if "link_latency_s" in meta and "wake_s" in meta:
-        # Profiles measured before wake_factor: a hop's latency is the link's plus its
-        # receiver's wake-up cost; move the links, then charge each receiver its own again.
+        # A hop's latency is the link's plus its receiver's wake-up cost (profile.py): move
+        # the links, then charge each receiver its own wake-up again.
         link = perm(np.asarray(meta["link_latency_s"], float))
         wake = np.asarray(meta["wake_s"], float)
         latency = link + wake[None, :] * (1.0 - np.eye(len(order)))

@@ -80,9 +80,6 @@ def _sub_problem(prob: Problem, devices: list[int]) -> tuple[Problem, list[int]]
 
     keep = sorted(set(devices), key=lambda d: d != prob.source)
     p, ix = prob.profile, np.asarray(keep)
-    meta = dict(p.meta)
-    if isinstance(meta.get("wake_factor"), list) and len(meta["wake_factor"]) == p.n_devices:
-        meta["wake_factor"] = [meta["wake_factor"][d] for d in keep]  # follows its devices
     sub = replace(
         p,
         names=tuple(p.names[d] for d in keep),
@@ -93,7 +90,6 @@ def _sub_problem(prob: Problem, devices: list[int]) -> tuple[Problem, list[int]]
         bandwidth=p.bandwidth[np.ix_(ix, ix)],
         source=0,
         cloud=keep.index(p.cloud) if p.cloud in keep else None,
-        meta=meta,
     )
     return make_problem(sub, prob.batch, prob.strategy, prob.slots), keep
 

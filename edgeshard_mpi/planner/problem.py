@@ -112,27 +112,6 @@ class Problem:
         return out
 
 
-def wake_factors(profile: Profile) -> np.ndarray:
-    """[M] how much more a device's stage call costs after a wait for its input than the
-    profile's unit times say (meta.wake_factor, seqprofile.wake_factor): on an emulated
-    testbed every call follows a wait (the other stages, or the device's own dilation).
-    1 where the profile does not say (real hardware, older profiles)."""
-    m = profile.n_devices
-    raw = profile.meta.get("wake_factor")
-    if raw is None:
-        return np.ones(m)
-    try:
-        f = np.asarray(raw, dtype=float)
-    except (TypeError, ValueError):
-        f = np.zeros(0)
-    if f.shape != (m,) or not np.all(np.isfinite(f)) or np.any(f < 1.0):
-        raise ProfileError(
-            f"meta.wake_factor: {raw!r} must list one number >= 1 per device ({m}); "
-            "remove it to plan from the unit times as measured"
-        )
-    return f
-
-
 def make_problem(
     profile: Profile, batch: int | None = None, strategy: str = "average", slots: int = 1
 ) -> Problem:
@@ -142,8 +121,6 @@ def make_problem(
         raise ValueError(f"batch size {batch}: must be an integer from 1 to {2**20}")
     batch = batch or profile.batch_sizes[0]
     pre, dec = profile.times(batch)
-    wake = wake_factors(profile)
-    pre, dec = pre * wake[:, None], dec * wake[:, None]
     g = profile.new_tokens
     w_p, w_d = (1 / g, (g - 1) / g) if strategy == "workload" else PHASE_WEIGHTS[strategy]
     act = profile.activation_bytes_per_token * batch
