@@ -86,7 +86,7 @@ def test_the_wake_measurement_waits_asleep_while_memory_streams():
     t1, c1 = time.perf_counter(), time.thread_time()
     n = len(calls)
     time.sleep(0.01)
-    assert 0.1 <= t1 - t0 < 0.2
+    assert 0.1 <= t1 - t0 < 0.5  # a loaded host wakes naps late; the bound is loose
     assert c1 - c0 < 0.003  # the waiting thread slept (2 ms naps), it did not poll
     assert n >= 20 and len(calls) == n  # it streamed, and stopped before the call
     assert threading.get_ident() not in where
