@@ -30,6 +30,7 @@ the run does instead:
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -201,8 +202,6 @@ def _idle(seconds: float, stream=None) -> None:
     2 ms at most: wakeup.py), while other stages compute. `stream`, when given, is called
     over and over on a second thread meanwhile (a flush: another stage streaming its
     weights through the shared caches and memory, as the run's other ranks do)."""
-    import threading
-
     done = threading.Event()
     worker = None
     if stream is not None:
