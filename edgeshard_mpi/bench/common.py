@@ -40,6 +40,9 @@ def run_job(
     path.write_text(toml_out.dumps(job))
     out = Path(job["output"]["path"])
     out.unlink(missing_ok=True)
+    # A journal left by a killed earlier run would make this run keep it and write to a
+    # new name (outfiles.py never replaces): the bench owns its folder, so start clean.
+    Path(f"{out}.journal").unlink(missing_ok=True)
     cmd = [
         mpiexec_path(),
         *mpi_args,
