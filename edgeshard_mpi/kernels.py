@@ -27,6 +27,15 @@ picks) and 60 ms in MKL. Where torch has no oneDNN, a prompt goes to numpy at on
 and to torch's MKL at several. The kernel of a product depends only on its shape and the
 rank's thread count, so 1 and N ranks at the same threads stay bitwise identical.
 
+Opt-in (`EDGESHARD_NATIVE=1`): at two threads or more (`runtime.threads`), decode-sized
+products go to native.py's compiled product (resources/gemv.c, built once per host with the
+system's C compiler), each thread streaming its slice of the output columns, and torch runs
+the rest of a decode call on one thread (`native_decode`). OpenBLAS's own pool is not used:
+it spins on its peers and collapsed when cores were shared (2 threads, busy host: 321 vs
+64 ms/token), and its hand-off per product ate the gain (README, "Benchmarks"). The native
+product's bits do not depend on its thread count (each output is one fixed chain of fused
+multiply-adds). Not the default: on this 2-core host it paid in some periods only (native.py).
+
 The transposed weights of a stage live in one buffer mapped with 2 MiB pages (where the
 kernel gives transparent huge pages): on 4 KiB pages the products of a decode step
 streamed ~5-9% slower (prefetchers stop at page boundaries, a TLB miss per page).
@@ -67,6 +76,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _tm
 
+from . import native
+
 KERNELS = ("fast", "exact")
 
 
@@ -105,6 +116,11 @@ if _SET_BLAS_THREADS is not None:
     # collapsed when cores are shared (2 threads, busy host: 321 vs torch's 64 ms/token).
     _SET_BLAS_THREADS(1)
 USE_NUMPY_BLAS = _SET_BLAS_THREADS is not None
+NATIVE_MIN_THREADS = 2
+DECODE_THREADS = 0
+"""The native product's threads inside a decode call (`native_decode`); 0: torch's count."""
+"""Decode-sized products of a rank running this many threads or more go to native.py's
+compiled product, split over its threads, where it is on (EDGESHARD_NATIVE=1) and builds."""
 NUMPY_MAX_ROWS = 16
 """Products of more rows than this (a prompt) go to oneDNN at the run's threads; decode-sized
 ones stay on one-thread OpenBLAS, which streams the weights at one core's memory speed
@@ -186,9 +202,24 @@ def _product(x: torch.Tensor, wt: torch.Tensor, wn: np.ndarray) -> torch.Tensor:
         y = _linear_pointwise(x2 if x2.is_contiguous() else x2.contiguous(), wt.t(), None,
                               "none", [], "")  # fmt: skip
         return y.view(*x.shape[:-1], y.shape[-1])
-    if rows <= NUMPY_MAX_ROWS or torch.get_num_threads() == 1:
+    if rows <= NUMPY_MAX_ROWS:
+        threads = DECODE_THREADS or torch.get_num_threads()
+        if threads >= NATIVE_MIN_THREADS and wt.is_contiguous():
+            gemv = native.gemv()
+            if gemv is not None:
+                return _native_matmul(gemv, x, wt, rows, n, threads)
+        return _np_matmul(x, wn)
+    if torch.get_num_threads() == 1:
         return _np_matmul(x, wn)
     return torch.matmul(x, wt)
+
+
+def _native_matmul(gemv, x: torch.Tensor, wt: torch.Tensor, rows: int, n: int, threads: int):
+    """x @ wt through native.py's product over `threads` cores (fp32 CPU; wt contiguous)."""
+    xc = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty((*x.shape[:-1], wt.shape[1]), dtype=torch.float32)
+    gemv(xc.data_ptr(), wt.data_ptr(), y.data_ptr(), rows, n, wt.shape[1], threads)
+    return y
 
 
 def _np_matmul(x: torch.Tensor, wn: np.ndarray) -> torch.Tensor:
@@ -278,12 +309,43 @@ def _make_lean(module: nn.Module) -> None:
             m.__class__ = _lean_class(cls)
 
 
+@contextlib.contextmanager
+def native_decode(x: torch.Tensor):
+    """One call of a "fast" CPU stage: where it is decode-sized (<= NUMPY_MAX_ROWS rows) and
+    the rank runs 2+ threads, the native product takes those threads and torch runs the
+    call's other operations (norms, rotary, attention: microseconds each) on one. torch's
+    OpenMP workers otherwise spin after each of its parallel regions on the cores the
+    product's workers use: a decode step of the 232 MB model took 8.9-9.7 ms that way
+    against 4.5-4.9 ms so (and 5.7 on one thread). Prompts keep torch's threads (oneDNN)."""
+    global DECODE_THREADS
+    threads = torch.get_num_threads()
+    rows = x.shape[0] * x.shape[1] if x.dim() >= 2 else 1
+    if (
+        threads < NATIVE_MIN_THREADS
+        or rows > NUMPY_MAX_ROWS
+        or x.device.type != "cpu"
+        or DECODE_THREADS
+        or native.gemv() is None
+    ):
+        yield
+        return
+    torch.set_num_threads(1)
+    DECODE_THREADS = threads
+    try:
+        yield
+    finally:
+        DECODE_THREADS = 0
+        torch.set_num_threads(threads)
+
+
 def apply_kernels(module: nn.Module, kernels: str) -> nn.Module:
     """Give `module` (a loaded stage, any family) the kernels named; returns it."""
     if kernels not in KERNELS:
         raise ValueError(f"runtime.kernels = {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels == "exact":
         return module
+    if hasattr(module, "fast_kernels"):  # a Stage: its decode calls use native_decode
+        module.fast_kernels = True
     # A weight that another module also uses (a head tied to the embedding as one
     # Parameter) keeps its layout: transposing it would hold the table twice.
     uses: dict[int, int] = {}

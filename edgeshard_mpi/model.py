@@ -20,6 +20,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from . import hf
 from .families import FAMILIES
+from .kernels import native_decode
 from .presets import ModelSpec
 from .weights import DTYPES
 
@@ -58,6 +59,7 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList(own(base.layers[i]) for i in self.layer_ids)
         self.norm = own(base.norm) if has_head else None
         self.lm_head = own(full.get_output_embeddings()) if has_head else None
+        self.fast_kernels = False  # set by kernels.apply_kernels("fast")
         self.rotary = own(base.rotary_emb) if self.layer_ids else None
         self._head_dim = base.layers[0].self_attn.head_dim
         # Each layer's attention kind, as the family's forward picks its mask.
@@ -268,6 +270,12 @@ class Stage(nn.Module):
     ) -> torch.Tensor:
         """`start`: the first position, when every row of the batch starts there and the
         cache is static (as in the runtime); it enables reuse of masks and rotary tables."""
+        if self.fast_kernels:
+            with native_decode(x):  # decode at 2+ threads: the products take them
+                return self._forward(x, cache, position_ids, start)
+        return self._forward(x, cache, position_ids, start)
+
+    def _forward(self, x, cache, position_ids, start):
         if self.has_embed:
             h = self.embed_tokens(x)  # h: [B, S, H]
             if self.family.embed_multiplier:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from mpi4py import MPI
 
 from . import emulation, watchdog
 from . import schedule as sch
+from .kernels import native_decode
 from .model import Stage, first_position, position_ids
 from .wire import Codec
 
@@ -256,9 +258,14 @@ class Runtime:
         cache = self.caches[key]
         if step == 0 and cache is not None:
             cache.reset()
-        out = stage(x.to(self.device), cache, self.positions[step], first_position(self.P, step))
-        if stage.has_head:
-            out = out.argmax(dim=-1)  # greedy decoding: tokens [B]
+        # A decode call's products take the rank's threads and everything else one (kernels.
+        # native_decode), the sampling too: an argmax at 2 threads left torch's OpenMP
+        # workers spinning beside the product's (232 MB model, 2 threads: 6.9 vs 5.9 ms).
+        with native_decode(x) if stage.fast_kernels else nullcontext():
+            pos, first = self.positions[step], first_position(self.P, step)
+            out = stage(x.to(self.device), cache, pos, first)
+            if stage.has_head:
+                out = out.argmax(dim=-1)  # greedy decoding: tokens [B]
         emulation.stretch(t_start, c0)
         self._outputs[key] = out.cpu()
         if a.stage > 0:

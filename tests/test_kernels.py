@@ -67,10 +67,22 @@ def test_fast_stage_holds_the_checkpoints_weights_once(shared_data):
             assert torch.equal(module.weight, f.get_tensor(stored)), name
 
 
-@pytest.mark.parametrize("kernels", ["fast", "exact"])
+@pytest.mark.parametrize("kernels,threads", [("fast", 1), ("exact", 1), ("fast", 2)])
 @pytest.mark.parametrize("p", [P, 12])  # 12: 24 prompt rows, the fast prompt path (oneDNN)
-def test_partitions_give_bitwise_identical_logits(shared_data, kernels, p):
+def test_partitions_give_bitwise_identical_logits(shared_data, kernels, threads, p, request):
+    """threads 2: decode products through native.py's product (EDGESHARD_NATIVE=1)."""
+    if threads > 1:
+        request.getfixturevalue("native_on")
     _, spec, source = stories(shared_data)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _partitions_agree(spec, source, kernels, p)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _partitions_agree(spec, source, kernels, p):
     ids = torch.randint(3, spec.vocab_size, (B, p), generator=torch.Generator().manual_seed(1))
     n = spec.n_units
     whole = logits(spec, source, [(0, n)], kernels, ids)
@@ -95,7 +107,8 @@ def test_fast_logits_stay_within_rounding_of_exact(shared_data):
 
 def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
     """The product's kernel is chosen by its rows alone: > NUMPY_MAX_ROWS through oneDNN
-    (where torch has it), fewer through numpy's OpenBLAS; both equal x @ W to rounding."""
+    (where torch has it), fewer through numpy's OpenBLAS (at one thread); both equal x @ W to
+    rounding."""
     from edgeshard_mpi import kernels
 
     if not (kernels._ONEDNN and kernels.USE_NUMPY_BLAS):
@@ -107,11 +120,105 @@ def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
     lin = nn.Linear(48, 40)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     fast = FastLinear(lin)
-    for rows, kernel in ((1, "np"), (kernels.NUMPY_MAX_ROWS, "np"), (40, "dnn")):
-        calls.clear()
-        x = torch.randn(1, rows, 48)
-        torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
-        assert calls == [kernel], rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # at 2+ threads decode rows go native (the test below)
+    try:
+        for rows, kernel in ((1, "np"), (kernels.NUMPY_MAX_ROWS, "np"), (40, "dnn")):
+            calls.clear()
+            x = torch.randn(1, rows, 48)
+            torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
+            assert calls == [kernel], rows
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """The native decode product turned on (EDGESHARD_NATIVE=1) for this test alone."""
+    from edgeshard_mpi import native
+
+    monkeypatch.setenv("EDGESHARD_NATIVE", "1")
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIB", None)
+    gemv = native.gemv()
+    if gemv is None:
+        pytest.skip(f"native product unavailable: {native.REASON}")
+    yield gemv
+    monkeypatch.setattr(native, "_TRIED", False)  # the next test reads the env again
+
+
+@pytest.mark.parametrize(
+    # big enough to split (>= 256 KiB of weights per thread), and one that stays whole
+    "n_in,n_out,rows", [(512, 1000, 1), (1376, 517, 3), (700, 333, 16), (37, 33, 3)]
+)
+def test_native_product_has_the_same_bits_at_any_thread_count(native_on, n_in, n_out, rows):
+    """Each output is one fixed chain of fused multiply-adds whatever the column split: 1, 2,
+    3 and 5 threads give the same bits (so do 1 and N ranks), and the value is x @ W to
+    rounding (against float64)."""
+    gemv = native_on
+    g = torch.Generator().manual_seed(n_in + n_out)
+    w, x = torch.randn(n_in, n_out, generator=g), torch.randn(rows, n_in, generator=g)
+    ys = []
+    for t in (1, 2, 3, 5):
+        y = torch.full((rows, n_out), float("nan"))  # every output must be written
+        gemv(x.data_ptr(), w.data_ptr(), y.data_ptr(), rows, n_in, n_out, t)
+        ys.append(y)
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    ref = (x.double() @ w.double()).float()
+    torch.testing.assert_close(ys[0], ref, rtol=1e-5, atol=1e-5 * n_in**0.5)
+
+
+def test_decode_rows_at_two_threads_take_the_native_product(native_on, monkeypatch):
+    """A rank at 2+ threads multiplies decode-sized inputs through the native product (one
+    thread: numpy's OpenBLAS, as before); both equal x @ W to rounding."""
+    from edgeshard_mpi import kernels
+
+    if not kernels.USE_NUMPY_BLAS:
+        pytest.skip("numpy without OpenBLAS here")
+    calls = []
+    nat, np_matmul = kernels._native_matmul, kernels._np_matmul
+    monkeypatch.setattr(kernels, "_native_matmul", lambda *a: calls.append("c") or nat(*a))
+    monkeypatch.setattr(kernels, "_np_matmul", lambda *a: calls.append("np") or np_matmul(*a))
+    lin = nn.Linear(96, 200)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    fast = FastLinear(lin)
+    before = torch.get_num_threads()
+    try:
+        for threads, kernel in ((1, "np"), (2, "c")):
+            torch.set_num_threads(threads)
+            calls.clear()
+            x = torch.randn(1, 3, 96)
+            torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
+            assert calls == [kernel], threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_without_a_compiler_decode_keeps_numpy(monkeypatch, tmp_path):
+    """No native product (the build fails, or not asked for): gemv() says why, and a
+    2-thread rank's decode products take numpy's path, same values."""
+    from edgeshard_mpi import native
+
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setenv("EDGESHARD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("EDGESHARD_NATIVE", "1")
+    assert native.gemv() is None and "failed" in native.REASON
+    assert not list(tmp_path.iterdir())  # no half-written build left behind
+    lin = nn.Linear(48, 128)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1, 2, 48)
+        torch.testing.assert_close(FastLinear(lin)(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.delenv("EDGESHARD_NATIVE")  # off unless asked for
+    assert native.gemv() is None and "EDGESHARD_NATIVE=1" in native.REASON
+    monkeypatch.setattr(native, "_TRIED", False)
 
 
 def test_kernels_field_is_checked(tmp_path):
@@ -123,25 +230,29 @@ def test_kernels_field_is_checked(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("kernels", ["fast", "exact"])
-def test_ranks_agree_and_equal_generate_through_mpiexec(kernels, shared_data, write_job, tmp_path):
+@pytest.mark.parametrize("kernels,threads", [("fast", 1), ("exact", 1), ("fast", 2)])
+def test_ranks_agree_and_equal_generate_through_mpiexec(
+    kernels, threads, shared_data, write_job, tmp_path
+):
+    """threads 2: the native decode product (EDGESHARD_NATIVE=1), 1 and 2 ranks."""
     path = str(shared_data / "stories260K-hf")
     tokens = {}
-    for n in (1, 3):
+    for n in (1, 3) if threads == 1 else (1, 2):
         job = write_job(
             {
                 "model": {"source": path},
                 "workload": {"prompts": 2, "prompt_tokens": 20, "new_tokens": 12},  # 20: oneDNN
-                "runtime": {"kernels": kernels, "threads": 1},
+                "runtime": {"kernels": kernels, "threads": threads},
                 "output": {"path": str(tmp_path / f"r{n}.h5")},
             },
             name=f"r{n}.toml",
         )
-        proc = run_mpi(n, job, timeout=240)
+        env = {"EDGESHARD_NATIVE": "1"} if threads > 1 else None  # the native product
+        proc = run_mpi(n, job, timeout=240, extra_env=env)
         assert proc.returncode == 0, proc.stderr
         r = check_file(tmp_path / f"r{n}.h5", n, 2, 12)
         tokens[n] = r["workload"]["generated_ids"]
-    assert np.array_equal(tokens[1], tokens[3])
+    assert np.array_equal(tokens[1], tokens[n])
     expected = hf_generate(path, r["workload"]["prompt_ids"], 12, batch=1)
     assert np.array_equal(tokens[1], expected)
 

@@ -244,11 +244,12 @@ def project(
     return float(decode), float(n_prompt / prefill), run
 
 
-def read_bandwidth(mb: int = 256, repeats: int = 7) -> float:
-    """Bytes/s one core reads: a plain sum over a buffer far larger than the caches."""
+def read_bandwidth(mb: int = 256, repeats: int = 7, threads: int = 1) -> float:
+    """Bytes/s `threads` cores read (one by default): a plain sum over a buffer far larger
+    than the caches."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     a = torch.ones(mb * 2**20 // 4)
     best = 0.0
     for _ in range(repeats):
@@ -256,6 +257,16 @@ def read_bandwidth(mb: int = 256, repeats: int = 7) -> float:
         a.sum()
         best = max(best, a.numel() * 4 / (time.perf_counter() - t0))
     return best
+
+
+def native_status() -> tuple[bool, str]:
+    """(whether the opt-in native decode product builds here, a line saying so)."""
+    from .. import native
+
+    path = native.build()
+    if path is None:
+        return False, f"unavailable: {native.REASON}"
+    return True, f"built ({path})"
 
 
 def streamed_bytes(model: str) -> int:
@@ -307,6 +318,8 @@ def main(argv=None) -> None:
 
     print(f"numpy's OpenBLAS kernels: {BLAS_CORE} (OPENBLAS_CORETYPE="
           f"{os.environ.get('OPENBLAS_CORETYPE', 'unset')})")  # fmt: skip
+    native_ok, native_line = native_status()
+    print(f"native decode product (opt-in, EDGESHARD_NATIVE=1; its own rows below): {native_line}")
     rows: dict[tuple, list] = {}
     for rnd in range(args.rounds):
         for name, path in models.items():
@@ -332,15 +345,23 @@ def main(argv=None) -> None:
                 dec, pp, _ = project(1, str(path), kernels[0], out, g, p, args.prompts, threads=t)
                 rows.setdefault((name, f"this project ({kernels[0]}), 1 rank, {t} threads"),
                                 []).append((dec, pp))  # fmt: skip
+                if native_ok and kernels[0] == "fast":  # the opt-in native decode product
+                    dec, pp, _ = project(1, str(path), "fast", out, g, p, args.prompts,
+                                         env={"EDGESHARD_NATIVE": "1"}, threads=t)  # fmt: skip
+                    rows.setdefault((name, f"this project (fast, native), 1 rank, {t} threads"),
+                                    []).append((dec, pp))  # fmt: skip
         last = {" | ".join(k): [round(x, 3) for x in v[-1]] for k, v in rows.items()}
         print(f"  round {rnd + 1}/{args.rounds}: {json.dumps(last)}", flush=True)
     med = {k: tuple(median(col) for col in zip(*vs, strict=True)) for k, vs in rows.items()}
     bw = read_bandwidth()
-    report(med, models, bw, kernels, lc is not None, threads)
+    bw_at = {t: read_bandwidth(threads=t) for t in threads[1:]}
+    report(med, models, bw, kernels, lc is not None, threads, bw_at)
     (out / "summary.json").write_text(
         json.dumps(
             {
                 "bandwidth_bytes_per_s": bw,
+                "bandwidth_bytes_per_s_at_threads": bw_at,
+                "native": native_line,
                 "blas_core": BLAS_CORE,
                 "rounds": {" | ".join(k): v for k, v in rows.items()},
                 "median": {" | ".join(k): v for k, v in med.items()},
@@ -352,7 +373,13 @@ def main(argv=None) -> None:
 
 
 def report(
-    med: dict, models: dict, bw: float, kernels: list, have_lc: bool, thread_counts: list
+    med: dict,
+    models: dict,
+    bw: float,
+    kernels: list,
+    have_lc: bool,
+    thread_counts: list,
+    bw_at: dict | None = None,
 ) -> None:
     names = list(models)
     threads = thread_counts[0]
@@ -406,11 +433,19 @@ def report(
             ours = med[(m, f"this project ({kernels[0]}), 1 rank, {t} threads")]
             line = f"{m}: this project {ours[0]:.3f} ms/token, prompt {ours[1]:.0f} tokens/s"
             ref = med.get((m, f"llama.cpp, 1, {t} threads"))
+            nat = med.get((m, f"this project (fast, native), 1 rank, {t} threads"))
+            if nat:
+                line += f"; with the native product {nat[0]:.3f} ms/token"
+                if ref:
+                    line += f" ({nat[0] / ref[0]:.2f}x)"
             if ref:
                 line += (
                     f"; llama.cpp {ref[0]:.3f} ms/token, prompt {ref[1]:.0f} tokens/s; "
                     f"decode {ours[0] / ref[0]:.2f}x, prompt {ours[1] / ref[1]:.2f}x"
                 )
+            if bw_at and t in bw_at:
+                floor = streamed_bytes(str(models[m])) / bw_at[t] * 1e3
+                line += f"; {t} cores read {bw_at[t] / 1e9:.1f} GB/s, floor {floor:.3f} ms/token"
             print(line)
     print(f"\none core reads {bw / 1e9:.1f} GB/s (sum over 256 MB)")
     for m, path in models.items():
