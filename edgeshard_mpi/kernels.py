@@ -117,10 +117,10 @@ if _SET_BLAS_THREADS is not None:
     _SET_BLAS_THREADS(1)
 USE_NUMPY_BLAS = _SET_BLAS_THREADS is not None
 NATIVE_MIN_THREADS = 2
-DECODE_THREADS = 0
-"""The native product's threads inside a decode call (`native_decode`); 0: torch's count."""
 """Decode-sized products of a rank running this many threads or more go to native.py's
 compiled product, split over its threads, where it is on (EDGESHARD_NATIVE=1) and builds."""
+DECODE_THREADS = 0
+"""The native product's threads inside a decode call (`native_decode`); 0: torch's count."""
 NUMPY_MAX_ROWS = 16
 """Products of more rows than this (a prompt) go to oneDNN at the run's threads; decode-sized
 ones stay on one-thread OpenBLAS, which streams the weights at one core's memory speed
