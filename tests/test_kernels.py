@@ -4,6 +4,7 @@ kernels; tokens equal transformers generate on the trained stories260K under bot
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -21,6 +22,17 @@ from tests.conftest import run_mpi
 from tests.test_mpi import check_file, hf_generate
 
 B, P, G = 2, 6, 5
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch at n threads inside the block (the kernels chosen depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stories(shared_data):
@@ -74,12 +86,8 @@ def test_partitions_give_bitwise_identical_logits(shared_data, kernels, threads,
     if threads > 1:
         request.getfixturevalue("native_on")
     _, spec, source = stories(shared_data)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         _partitions_agree(spec, source, kernels, p)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _partitions_agree(spec, source, kernels, p):
@@ -120,16 +128,12 @@ def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
     lin = nn.Linear(48, 40)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     fast = FastLinear(lin)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # at 2+ threads decode rows go native (the test below)
-    try:
+    with torch_threads(1):  # at 2+ threads decode rows may go native (the test below)
         for rows, kernel in ((1, "np"), (kernels.NUMPY_MAX_ROWS, "np"), (40, "dnn")):
             calls.clear()
             x = torch.randn(1, rows, 48)
             torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
             assert calls == [kernel], rows
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -182,16 +186,12 @@ def test_decode_rows_at_two_threads_take_the_native_product(native_on, monkeypat
     lin = nn.Linear(96, 200)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     fast = FastLinear(lin)
-    before = torch.get_num_threads()
-    try:
-        for threads, kernel in ((1, "np"), (2, "c")):
-            torch.set_num_threads(threads)
+    for threads, kernel in ((1, "np"), (2, "c")):
+        with torch_threads(threads):
             calls.clear()
             x = torch.randn(1, 3, 96)
             torch.testing.assert_close(fast(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
             assert calls == [kernel], threads
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_without_a_compiler_decode_keeps_numpy(monkeypatch, tmp_path):
@@ -208,13 +208,9 @@ def test_without_a_compiler_decode_keeps_numpy(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # no half-written build left behind
     lin = nn.Linear(48, 128)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         x = torch.randn(1, 2, 48)
         torch.testing.assert_close(FastLinear(lin)(x), x @ ref_w.T + ref_b, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(before)
     monkeypatch.setattr(native, "_TRIED", False)
     monkeypatch.delenv("EDGESHARD_NATIVE")  # off unless asked for
     assert native.gemv() is None and "EDGESHARD_NATIVE=1" in native.REASON
