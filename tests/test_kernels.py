@@ -113,6 +113,18 @@ def test_fast_logits_stay_within_rounding_of_exact(shared_data):
     assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(fast, exact, strict=True))
 
 
+def _record_kernels(monkeypatch, **names) -> list:
+    """Wrap kernels.py's product functions (label=function name) so each call appends its
+    label to the returned list, then runs as before."""
+    from edgeshard_mpi import kernels
+
+    calls: list = []
+    for label, name in names.items():
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, f=fn, k=label: calls.append(k) or f(*a))
+    return calls
+
+
 def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
     """The product's kernel is chosen by its rows alone: > NUMPY_MAX_ROWS through oneDNN
     (where torch has it), fewer through numpy's OpenBLAS (at one thread); both equal x @ W to
@@ -121,10 +133,7 @@ def test_prompt_rows_take_onednn_and_decode_rows_numpy(monkeypatch):
 
     if not (kernels._ONEDNN and kernels.USE_NUMPY_BLAS):
         pytest.skip("torch without oneDNN or numpy without OpenBLAS here")
-    calls = []
-    dnn, np_matmul = kernels._linear_pointwise, kernels._np_matmul
-    monkeypatch.setattr(kernels, "_linear_pointwise", lambda *a: calls.append("dnn") or dnn(*a))
-    monkeypatch.setattr(kernels, "_np_matmul", lambda *a: calls.append("np") or np_matmul(*a))
+    calls = _record_kernels(monkeypatch, dnn="_linear_pointwise", np="_np_matmul")
     lin = nn.Linear(48, 40)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     fast = FastLinear(lin)
@@ -179,10 +188,7 @@ def test_decode_rows_at_two_threads_take_the_native_product(native_on, monkeypat
 
     if not kernels.USE_NUMPY_BLAS:
         pytest.skip("numpy without OpenBLAS here")
-    calls = []
-    nat, np_matmul = kernels._native_matmul, kernels._np_matmul
-    monkeypatch.setattr(kernels, "_native_matmul", lambda *a: calls.append("c") or nat(*a))
-    monkeypatch.setattr(kernels, "_np_matmul", lambda *a: calls.append("np") or np_matmul(*a))
+    calls = _record_kernels(monkeypatch, c="_native_matmul", np="_np_matmul")
     lin = nn.Linear(96, 200)
     ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
     fast = FastLinear(lin)
