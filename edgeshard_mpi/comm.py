@@ -26,6 +26,14 @@ from mpi4py import MPI
 from . import watchdog
 from .wakeup import Doorbells
 
+IDLE_WAKE_S = 20e-3
+"""The longest a waiting rank sleeps between checks when nothing should wake it sooner: an
+unrung doorbell wait (a safety net: senders ring) and a quiet barrier's back-off ceiling.
+At 2 ms, the 14 ranks a one-stage plan leaves idle on the 15-device testbed woke ~7000
+times a second on 2 cores, and its one computing rank ran 1.15-1.17x slower than profiled
+(1.11-1.12 at 20 ms, README "Idle ranks' wake-ups"). A missed ring or a barrier's exit
+costs at most this much once, never a message."""
+
 _PR_SET_TIMERSLACK = 29
 
 
@@ -133,7 +141,7 @@ class Transport:
         self.messages_sent = 0
         self.links: LinkEmulator | None = None
         self.bells: Doorbells | None = None
-        self.bell_timeout = 2e-3  # a local receive's sleep before its ring (a safety net)
+        self.bell_timeout = IDLE_WAKE_S  # a local receive's sleep before its ring (a safety net)
 
     def enable_doorbells(self) -> None:
         """Collective: receives from ranks of this host sleep until rung (see wakeup.py).
@@ -208,12 +216,12 @@ class Transport:
         bells.settle(rings, on_credit)
         return time.perf_counter() - t0
 
-    def quiet_barrier(self, max_sleep_s: float = 2e-3) -> None:
+    def quiet_barrier(self, max_sleep_s: float = IDLE_WAKE_S) -> None:
         """A barrier that sleeps. Call before a blocking collective whose peers may still be
         busy for a long time (loading, profiling), so the collective itself is instant."""
         self.quiet_wait(self.comm.Ibarrier(), max_sleep_s)
 
-    def quiet_wait(self, req: MPI.Request, max_sleep_s: float = 2e-3) -> None:
+    def quiet_wait(self, req: MPI.Request, max_sleep_s: float = IDLE_WAKE_S) -> None:
         """sleep_wait for a long wait: polls back off to `max_sleep_s`. Ranks that idle
         while another one is timed wait this way: 14 idle ranks polling every 100 us
         wake 140k times a second on a 2-core host and slow the one being timed."""

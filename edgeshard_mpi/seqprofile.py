@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import emulation
+from .comm import IDLE_WAKE_S
 from .kernels import load_stage
 from .model import Stage, first_position, position_ids
 
@@ -198,10 +199,11 @@ WAKE_CALLS = 5
 
 
 def _idle(seconds: float, stream=None) -> None:
-    """Wait as a run's stage waits for its input: asleep (a doorbell wait wakes every
-    2 ms at most: wakeup.py), while other stages compute. `stream`, when given, is called
-    over and over on a second thread meanwhile (a flush: another stage streaming its
-    weights through the shared caches and memory, as the run's other ranks do)."""
+    """Wait as a run's stage waits for its input: asleep (an unrung doorbell wait wakes
+    every IDLE_WAKE_S at most: wakeup.py), while other stages compute. `stream`, when
+    given, is called over and over on a second thread meanwhile (a flush: another stage
+    streaming its weights through the shared caches and memory, as the run's other ranks
+    do)."""
     done = threading.Event()
     worker = None
     if stream is not None:
@@ -215,7 +217,7 @@ def _idle(seconds: float, stream=None) -> None:
     end = time.perf_counter() + seconds
     try:
         while (left := end - time.perf_counter()) > 0:
-            time.sleep(min(left, 2e-3))
+            time.sleep(min(left, IDLE_WAKE_S))
     finally:
         done.set()
         if worker is not None:

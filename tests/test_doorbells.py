@@ -28,10 +28,11 @@ def test_a_waiting_rank_sleeps_until_rung_and_gets_its_messages():
         assert rung[size]["ok"] and polled[size]["ok"]
         assert rung[size]["waited_s"] > 0.1  # it did wait for the 0.2 s gap
     # 0.2 s of 20-100 us sleep-polls wakes the rank ~2000 times; a bell once, plus a
-    # bell_timeout (2 ms) safety-net wake-up at most every 2 ms: <= ~100. The margin
-    # absorbs a loaded host (wake-ups counted are voluntary context switches).
+    # bell_timeout (IDLE_WAKE_S, 20 ms) safety-net wake-up at most every 20 ms: <= ~10,
+    # plus whatever else wakes a Python MPI process. The margin absorbs a loaded host
+    # (wake-ups counted are voluntary context switches).
     assert polled["small"]["wakeups"] > 400
-    assert rung["small"]["wakeups"] < min(200, polled["small"]["wakeups"] / 2)
+    assert rung["small"]["wakeups"] < min(60, polled["small"]["wakeups"] / 4)
     # ...and it still wakes promptly when the message comes (not a bell_timeout later).
     assert rung["small"]["wall_s"] < 0.2 + 0.05
 
