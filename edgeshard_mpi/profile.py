@@ -239,15 +239,21 @@ def measure_units(
 # -- the whole cluster ---------------------------------------------------------------------
 
 
-def _wake(spec, source, dtype, device, me, cold: bool, kernels: str) -> float:
-    """An emulated device's wake-up cost per stage call (seqprofile.wake_cost); 0 on real
-    hardware, where it is not measured yet."""
+def _wake(spec, source, dtype, device, me, cold: bool, kernels: str) -> tuple[float, float]:
+    """An emulated device's wake-up cost per stage call (seqprofile.wake_cost), and the
+    same for a stage holding the embedding alone (what EdgeShard gives a weak source;
+    Problem.source_layers_wake_s), which is the first where the embedding cannot be
+    measured; (0, 0) on real hardware, where it is not measured yet."""
     if emulation.MODE == "none":
-        return 0.0
+        return 0.0, 0.0
     from .seqprofile import wake_cost
 
     flush = CacheFlusher(cold and getattr(device, "type", "cpu") == "cpu")
-    return wake_cost(spec, source, dtype, device, me.memory_budget, flush, kernels)
+    layer = wake_cost(spec, source, dtype, device, me.memory_budget, flush, kernels)
+    if spec.n_units <= 2 or spec.unit_weight_bytes(0, dtype) > me.memory_budget / 2:
+        return layer, layer
+    embed = wake_cost(spec, source, dtype, device, me.memory_budget, flush, kernels, unit=0)
+    return layer, embed
 
 
 def profile_cluster(
@@ -284,7 +290,7 @@ def profile_cluster(
     # alone (in the first turn) and with every rank of the host at once (contention.py).
     shared = host_comm.Get_size() > 1
     loop, solo = None, float("nan")
-    wake = 0.0
+    wake = embed_wake = 0.0
     for r in range(rounds):
         result = None
         for turn in range(host_comm.Get_size()):  # ranks of one host take turns
@@ -306,9 +312,13 @@ def profile_cluster(
                         kernels=kernels,
                         method=method,
                     )
-                    if r == 0:  # its 5 waits of 250 ms once per profile, not per round
-                        wake = _wake(spec, source, dtype, device, me, cold, kernels)
-                    result = (*result, np.array([wake]))
+                    if r == 0:  # its 2 x 5 waits of 250 ms once per profile, not per round
+                        wake, embed_wake = _wake(spec, source, dtype, device, me, cold, kernels)
+                    # [wake, self-wake, embedding's]: a dilated device sleeps its stretch
+                    # after every call, so even a one-stage plan's calls start cold
+                    # (Problem.return_s).
+                    selfwake = wake if emulation.SLOWDOWN > 1.0 else 0.0
+                    result = (*result, np.array([wake, selfwake, embed_wake]))
                     if shared and r == 0:
                         loop = Loop(spec, source, dtype, device, me.memory_budget, kernels)
                         solo = loop.run()
@@ -338,9 +348,12 @@ def profile_cluster(
     # A hop also wakes its receiver: its next stage call costs more than a profiled one
     # (seqprofile.wake_cost); charged with the hop, once per stage call as the run pays it.
     wake = np.array([float(t[2][0]) for t in times])
+    self_wake = np.array([float(t[2][1]) for t in times])
+    embed_wake = np.array([float(t[2][2]) for t in times])
     lat = link_lat + wake[None, :] * (1.0 - np.eye(tp.size))
     if wake.any():
         log("wake-up cost per stage call (ms): " + " ".join(f"{w * 1e3:.2f}" for w in wake))
+        log("  an embedding-only stage's (ms): " + " ".join(f"{w * 1e3:.2f}" for w in embed_wake))
     if shared:
         log("contention (as many ranks of a host as cores at once / alone): "
             + " ".join(f"{c[2]:.2f}" for c in contention))  # fmt: skip
@@ -377,6 +390,8 @@ def profile_cluster(
             "kernels": kernels,
             "method": method,
             "wake_s": wake.tolist(),
+            "self_wake_s": self_wake.tolist(),
+            "embed_wake_s": embed_wake.tolist(),
             "contention": [c[0] for c in contention],
             "host_cores": [c[1] for c in contention],
             "contention_cores": [c[2] for c in contention],

@@ -224,7 +224,9 @@ def _idle(seconds: float, stream=None) -> None:
             worker.join()
 
 
-def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: str) -> float:
+def wake_cost(
+    spec, source, dtype: str, device, budget: float, flush, kernels: str, unit: int | None = None
+) -> float:
     """Charged seconds a stage call costs more after waiting for its input, as every stage
     of a multi-stage run does once per token, than right after a cache flush, as the
     sequence pass times it. The wait is the run's: WAKE_GAP_S asleep while other work
@@ -234,8 +236,11 @@ def wake_cost(spec, source, dtype: str, device, budget: float, flush, kernels: s
     core's caches after a migration); a wait of 20 ms with nothing else running (the
     first version) charged a third to a half of what the run's stages then paid (README,
     "Stages after a wait"). The planner charges it with the hop into the device
-    (profile.py adds it to latency_s)."""
-    unit = 1 if spec.n_units > 2 else 0
+    (profile.py adds it to latency_s). `unit`: the one timed, a decoder layer by default;
+    unit 0 prices a source stage that only looks up the embedding (profile.py). 0 when
+    the unit does not fit in half the budget."""
+    if unit is None:
+        unit = 1 if spec.n_units > 2 else 0
     if spec.unit_weight_bytes(unit, dtype) > budget / 2:
         return 0.0
     stage = load_stage(spec, unit, unit + 1, dtype, device, source, kernels)

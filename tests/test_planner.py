@@ -62,7 +62,22 @@ def random_profile(
         bw,
         source=0,
         cloud=m - 1 if cloud and m > 1 else None,
+        meta=_self_wake(rng, m),
     )
+
+
+def _self_wake(rng: np.random.Generator, m: int) -> dict:
+    """Most profiles carry measured wake-ups, so the solvers are checked with them: a
+    one-stage plan's own (an emulated, dilated source: Problem.return_s), up to a few
+    layers' cost, and a source stage's past the embedding (source_layers_wake_s)."""
+    meta, pick = {}, rng.uniform(size=2)
+    if pick[0] < 0.5:
+        meta["self_wake_s"] = rng.uniform(0.0, 6.0, m).tolist()
+    if pick[1] < 0.6:
+        wake = rng.uniform(0.0, 3.0, m)
+        meta["wake_s"] = wake.tolist()
+        meta["embed_wake_s"] = (wake * rng.uniform(0.0, 1.0, m)).tolist()
+    return meta
 
 
 def brute(prob, objective: str, devices=None, repeats: bool = False):
@@ -232,6 +247,70 @@ def test_repeats_in_the_relaxation_are_resolved():
     assert plan.info["passes"] >= 2 and plan.info["tracked_types"] >= 1
     relaxed = paper_algorithm1(prob)
     assert len({s.rank for s in relaxed.stages}) < len(relaxed.stages)  # Alg. 1 repeats
+
+
+def test_a_one_stage_plan_pays_its_dilated_source_s_own_wake_up(tmp_path):
+    """An emulated device sleeps its dilation after every call, so a one-stage plan's
+    calls start cold too (meta.self_wake_s, Problem.return_s); a chain's stages already
+    pay theirs with the hop into them, so a multi-stage plan is charged as before."""
+    import json
+    from dataclasses import replace
+
+    from edgeshard_mpi.planner.problem import ProfileError, load_profile
+
+    rng = np.random.default_rng(3)
+    prof = replace(random_profile(rng, 3, 6, tight=100.0), meta={})
+    solo = Plan(tuple([Stage(0, 0, 6)]))
+    chain = Plan((Stage(0, 0, 3), Stage(2, 3, 6)))
+    before = [evaluate(p, make_problem(prof)) for p in (solo, chain)]
+    woken = replace(prof, meta={"self_wake_s": [0.25, 0.0, 0.0]})
+    after = [evaluate(p, make_problem(woken)) for p in (solo, chain)]
+    assert after[0].latency_s == pytest.approx(before[0].latency_s + 0.25)
+    assert after[0].hop_s == (0.25,)
+    assert after[1] == before[1]
+    # The solvers weigh it: a dear enough wake-up moves the plan off the source alone.
+    assert len(exact_latency(make_problem(prof)).stages) == 1  # this instance's optimum
+    big = replace(prof, meta={"self_wake_s": [1e3, 0.0, 0.0]})
+    assert len(exact_latency(make_problem(big)).stages) > 1
+    # It is planned with, so a bad value is refused with the field's name.
+    path = tmp_path / "p.json"
+    woken.save(path)
+    data = json.loads(path.read_text())
+    for key in ("self_wake_s", "wake_s", "embed_wake_s"):
+        for bad in ([0.1, 0.2], [0.1, -1.0, 0.0], [0.1, "x", 0.0], "0.1"):
+            path.write_text(json.dumps(dict(data, meta={key: bad})))
+            with pytest.raises(ProfileError, match=rf"meta\.{key} must list 3 seconds"):
+                load_profile(path)
+
+
+def test_a_source_stage_past_the_embedding_pays_the_layers_wake_up():
+    """The return hop carries the source's wake-up as measured on the embedding alone; a
+    source stage holding layers too pays the rest (wake_s - embed_wake_s) as compute, in
+    the sequential figures and in the pipeline's schedule; a one-stage plan pays neither
+    (its own wake-up is self_wake_s)."""
+    from dataclasses import replace
+
+    from edgeshard_mpi.planner.pipeline import cost_functions
+
+    rng = np.random.default_rng(5)
+    prof = replace(random_profile(rng, 3, 6, tight=100.0), meta={})
+    woken = replace(prof, meta={"wake_s": [0.5, 0.2, 0.2], "embed_wake_s": [0.125, 0.2, 0.2]})
+    plans = {
+        "embedding": Plan((Stage(0, 0, 1), Stage(2, 1, 6))),
+        "layers": Plan((Stage(0, 0, 3), Stage(2, 3, 6))),
+        "alone": Plan(tuple([Stage(0, 0, 6)])),
+    }
+    a, b = make_problem(prof), make_problem(woken)
+    assert b.source_layers_wake_s() == pytest.approx(0.375)
+    for name, plan in plans.items():
+        ea, eb = evaluate(plan, a), evaluate(plan, b)
+        extra = 0.375 if name == "layers" else 0.0
+        assert eb.stage_s[0] == pytest.approx(ea.stage_s[0] + extra)
+        back = 0.0 if name == "alone" else 0.375  # the return hop: the embedding's wake-up
+        assert eb.hop_s[-1] == pytest.approx(max(ea.hop_s[-1] - back, 0.0))
+        compute_a, _ = cost_functions(plan, a)
+        compute_b, _ = cost_functions(plan, b)
+        assert compute_b(0, 1) == pytest.approx(compute_a(0, 1) + extra)
 
 
 def test_infeasible_message_gives_numbers():
@@ -600,6 +679,7 @@ def uniform_profile(
         bw,
         source=0,
         cloud=m - 1,
+        meta=_self_wake(rng, m),
     )
 
 

@@ -61,11 +61,13 @@ def test_wake_cost_is_measured_on_an_emulated_device():
     try:
         w = wake_cost(spec, src, "float32", CPU, 1e9, CacheFlusher(True), "fast")
         nofit = wake_cost(spec, src, "float32", CPU, 1.0, CacheFlusher(False), "fast")
+        embed = wake_cost(spec, src, "float32", CPU, 1e9, CacheFlusher(True), "fast", unit=0)
     finally:
         emulation.configure("none")
     # Its size follows the host's other work (0.3-1.5 ms of CPU on `small`); only that it
     # is a cost, and small next to the wait it follows.
     assert 0.0 <= w < 4.0 * WAKE_GAP_S and nofit == 0.0
+    assert 0.0 <= embed < 4.0 * WAKE_GAP_S
 
 
 def test_the_wake_measurement_waits_asleep_while_memory_streams():

@@ -144,6 +144,13 @@ def test_transport_emulation_closes_the_loop(write_job, tmp_path):
     # Compute is stretched by 1/cpu after the fact; the raw times under it follow this
     # host's speed swings, so only the order of the devices is asserted here (the OS test
     # below holds the ratios to 20%).
+    # A dilated device (cpu < 1) pays its wake-up even alone (it sleeps its dilation after
+    # every call: Problem.return_s); the undilated cloud does not.
+    wake, own = np.asarray(prof.meta["wake_s"]), np.asarray(prof.meta["self_wake_s"])
+    dilated = np.array([d.cpu < 1.0 for d in tb.devices])
+    assert np.array_equal(own[dilated], wake[dilated]) and np.all(own[~dilated] == 0.0)
+    embed = np.asarray(prof.meta["embed_wake_s"])  # measured on unit 0 of every device
+    assert embed.shape == wake.shape and np.all(embed >= 0.0)
     measured, configured = _speed_ratios(prof, tb)
     assert np.argmax(measured) == int(np.argmin([d.cpu for d in tb.devices]))  # edge-2
     assert np.all(measured[:3] > 2.0), (measured, configured)  # edge boxes well below the cloud

@@ -49,10 +49,7 @@ def moved_source(base_path: Path, path: Path, order: list[int]) -> Path:
             m[cloud, [a, b]] = m[cloud, [b, a]]
         return m
 
-    meta = dict(base.meta)
-    for k in ("hosts", "threads", "wake_s", "contention", "host_cores", "contention_cores"):
-        if isinstance(meta.get(k), list) and len(meta[k]) == len(order):
-            meta[k] = [meta[k][i] for i in order]
+    meta = base.meta_for(order)
     latency = perm(base.latency_s)
     if "link_latency_s" in meta and "wake_s" in meta:
         # A hop's latency is the link's plus its receiver's wake-up cost (profile.py): move

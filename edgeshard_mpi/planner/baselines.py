@@ -90,6 +90,7 @@ def _sub_problem(prob: Problem, devices: list[int]) -> tuple[Problem, list[int]]
         bandwidth=p.bandwidth[np.ix_(ix, ix)],
         source=0,
         cloud=keep.index(p.cloud) if p.cloud in keep else None,
+        meta=p.meta_for(keep),
     )
     return make_problem(sub, prob.batch, prob.strategy, prob.slots), keep
 

@@ -70,6 +70,7 @@ def evaluate(plan: Plan, prob: Problem) -> Evaluation:
 
     def chain(unit_cost: np.ndarray, phase: str | None) -> tuple[list[float], list[float]]:
         comp = [float(unit_cost[st.rank, st.start : st.end].sum()) for st in stages]
+        comp[0] += prob.source_stage_extra_s(stages[0].end)  # its wake-up past the embedding
         hops = [prob.hop_s(a.end, a.rank, b.rank, phase) for a, b in itertools.pairwise(stages)]
         return comp, [*hops, float(ret[stages[-1].rank])]
 

@@ -54,6 +54,9 @@ def segment_costs(prob: Problem, devices: list[int]) -> np.ndarray:
     seg = cp[:, None, :] - cp[:, :, None]  # [D, i, j]
     ok = (bp[:, None, :] == bp[:, :, None]) & np.triu(np.ones((n + 1, n + 1), bool), 1)[None]
     ok &= (mp[None, :] - mp[:, None])[None] <= prob.profile.memory_budget[devices][:, None, None]
+    extra = prob.source_layers_wake_s()  # a source stage past the embedding (problem.py)
+    if extra > 0 and prob.source in devices:
+        seg[list(devices).index(prob.source), 0, 2:n] += extra
     return np.where(ok, seg, INF)
 
 

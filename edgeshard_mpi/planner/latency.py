@@ -44,11 +44,14 @@ def paper_algorithm1(
         dp[0, s] = c[s, 0]
         left[0, s] = budget
         left[0, s, s] -= mem[0]
+    extra = prob.source_layers_wake_s()  # a source stage past the embedding (problem.py)
     for i in range(1, n):
         for j in range(m):
             if not np.isfinite(c[j, i]):
                 continue
             val = dp[i - 1] + c[j, i] + hop[i, :, j]
+            if i == 1 and j == s:
+                val[s] += extra
             val[left[i - 1, :, j] < mem[i]] = np.inf
             k = int(np.argmin(val))
             if np.isfinite(val[k]):
@@ -56,6 +59,17 @@ def paper_algorithm1(
                 left[i, j] = left[i - 1, k]
                 left[i, j, j] -= mem[i]
     final = dp[n - 1] + prob.return_s()
+    # The source alone pays no `extra` (return_s charges its own wake-up), but its path
+    # above did at unit 1: price that one plan apart.
+    alone = float(c[s].sum() + prob.return_s()[s]) if mem.sum() <= budget[s] else np.inf
+    if extra > 0 and alone < final.min():
+        owner = [s] * n
+        return Plan.from_assignment(
+            owner,
+            strategy=strategy,
+            objective="latency",
+            info={"algorithm": "paper-algorithm-1", "solve_s": time.perf_counter() - t0},
+        )
     j = int(np.argmin(final))
     if not np.isfinite(final[j]):
         from .infeasible import explain_infeasible

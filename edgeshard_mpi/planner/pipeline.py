@@ -61,6 +61,8 @@ def cost_functions(plan: Plan, prob: Problem, in_flight: int = 1):
         [x * f for x, f in zip(pre, slow, strict=True)],
         [x * f for x, f in zip(dec, slow, strict=True)],
     )
+    extra = prob.source_stage_extra_s(stages[0].end)  # its wake-up past the embedding
+    pre[0], dec[0] = pre[0] + extra, dec[0] + extra
     lat, bw = prob.profile.latency_s, prob.profile.bandwidth
     ret = prob.return_s()
     last = len(stages) - 1

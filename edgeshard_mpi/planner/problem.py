@@ -104,13 +104,46 @@ class Problem:
         h[:, idx, idx] = 0.0
         return h
 
+    def _per_device(self, key: str) -> np.ndarray | None:
+        v = self.profile.meta.get(key)
+        return np.asarray(v, float) if isinstance(v, list) and len(v) == self.n_devices else None
+
+    def source_layers_wake_s(self) -> float:
+        """What a source stage holding more than the embedding pays on waking beyond what
+        the embedding alone pays (meta wake_s - embed_wake_s at the source, 0 without them).
+
+        A stage's wake-up cost (seqprofile.wake_cost) is charged with the hop into it; the
+        source's comes with the token's return. Measured on the testbed, a stage that only
+        looks up the embedding wakes at a sixth of a layer's cost (an NX source: 0.6 against
+        4.9 ms a token), and such a stage is what EdgeShard gives a weak source. So the
+        return hop carries the embedding's wake-up and a source stage [0, e) with 2 <= e <
+        N pays this difference as compute (dp.segment_costs, cost.evaluate, uniform.py);
+        a one-stage plan pays return_s's self wake-up instead."""
+        wake, embed = self._per_device("wake_s"), self._per_device("embed_wake_s")
+        if wake is None or embed is None:
+            return 0.0
+        s = self.source
+        return float(max(0.0, wake[s] - embed[s]))
+
+    def source_stage_extra_s(self, end: int) -> float:
+        """Seconds a source stage [0, end) pays beyond its units (source_layers_wake_s)."""
+        return self.source_layers_wake_s() if 2 <= end < self.n_units else 0.0
+
     def return_s(self) -> np.ndarray:
-        """[M] seconds for the sampled tokens to go from device k back to the source."""
+        """[M] seconds for the sampled tokens to go from device k back to the source.
+
+        From another device: the link and the source's wake-up (in latency_s), the
+        embedding's when it was measured (source_layers_wake_s). On the source itself (a
+        one-stage plan): no link, but an emulated device that sleeps its time dilation
+        after every call starts every call cold, as a woken stage does; the profile
+        measures that as `self_wake_s` (0 on real hardware and undilated devices;
+        one-stage runs on the testbed read 1.15-1.17x their prediction without it)."""
         p, s = self.profile, self.profile.source
         out = p.latency_s[:, s] + self.batch * TOKEN_BYTES / p.bandwidth[:, s]
-        out[s] = 0.0
+        out = np.maximum(out - self.source_layers_wake_s(), 0.0)
+        own = self._per_device("self_wake_s")
+        out[s] = 0.0 if own is None else float(own[s])
         return out
-
 
 def make_problem(
     profile: Profile, batch: int | None = None, strategy: str = "average", slots: int = 1

@@ -49,6 +49,13 @@ def _bytes(v, where: str) -> int:
         raise ProfileError(str(e)) from None
 
 
+PER_DEVICE_META = (
+    "hosts", "threads", "wake_s", "embed_wake_s", "self_wake_s", "contention", "host_cores",
+    "contention_cores",
+)  # fmt: skip
+"""meta entries with one value per device (in device order)."""
+
+
 @dataclass(frozen=True)
 class Profile:
     """Everything the planner knows about a model on a cluster. Devices are indexed 0..M-1
@@ -76,6 +83,16 @@ class Profile:
     @property
     def n_devices(self) -> int:
         return len(self.names)
+
+    def meta_for(self, order: list[int]) -> dict:
+        """meta with its per-device lists (PER_DEVICE_META) taken in `order` (a subset or a
+        reordering of the devices), so that each entry stays with its device."""
+        meta = dict(self.meta)
+        for k in PER_DEVICE_META:
+            v = meta.get(k)
+            if isinstance(v, list) and len(v) == self.n_devices:
+                meta[k] = [v[i] for i in order]
+        return meta
 
     @property
     def n_units(self) -> int:
@@ -293,6 +310,11 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
                 raise ProfileError(f"{where}: units.{name} needs {n} entries")
         lat, bw = _links(d.get("links", {}), m)
         _check_values(where, names, budget, pre, dec, weights, kv, act, lat, bw, batches)
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ProfileError(f"{where}: meta must be a table (object)")
+        for key in PLANNED_META:
+            _check_wake(where, key, meta.get(key), m)
         source, cloud = int(d.get("source", 0)), d.get("cloud")
         if not 0 <= source < m or (cloud is not None and not 0 <= int(cloud) < m):
             raise ProfileError(f"{where}: source/cloud must be device indices 0..{m - 1}")
@@ -314,7 +336,7 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
             source,
             None if cloud is None else int(cloud),
             d.get("notes", ""),
-            d.get("meta", {}),
+            meta,
         )
     except KeyError as e:
         raise ProfileError(f"{where}: missing entry {e}") from None
@@ -322,6 +344,23 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         if isinstance(e, ProfileError):
             raise
         raise ProfileError(f"{where}: {e}") from None
+
+
+PLANNED_META = ("wake_s", "embed_wake_s", "self_wake_s")
+"""meta entries the planner reads (Problem.return_s, source_layers_wake_s)."""
+
+
+def _check_wake(where: str, key: str, v, m: int) -> None:
+    """A planned meta entry: M seconds, finite, >= 0."""
+    if v is None:
+        return
+    ok = isinstance(v, list) and len(v) == m
+    ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    if not ok or not all(np.isfinite(x) and x >= 0 for x in v):
+        raise ProfileError(
+            f"{where}: meta.{key} must list {m} seconds (finite, >= 0), one per device; "
+            "remove it to plan without that measured wake-up"
+        )
 
 
 def load_profile(path: str | Path) -> Profile:

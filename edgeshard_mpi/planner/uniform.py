@@ -121,11 +121,16 @@ def _path(prev: np.ndarray, s: int, k: int) -> list[int]:
     return out[::-1]
 
 
-def _allocate_latency(u, order, caps_mid, caps_last, layers) -> list[int] | None:
-    """Layer counts for a path minimising compute: lower bounds first, then cheapest."""
+def _allocate_latency(u, order, caps_mid, caps_last, layers, src="any") -> list[int] | None:
+    """Layer counts for a path minimising compute: lower bounds first, then cheapest.
+    `src`: the source (order[0], not last) takes "any" number of layers, "none" or "some"."""
     n = len(order)
     lo = [0 if (t == 0 or t == n - 1) else 1 for t in range(n)]
     hi = [caps_last[d] if t == n - 1 else caps_mid[d] for t, d in enumerate(order)]
+    if n > 1 and src == "none":
+        hi[0] = 0
+    elif n > 1 and src == "some":
+        lo[0] = 1
     if any(h < lo_ for h, lo_ in zip(hi, lo, strict=True)) or sum(hi) < layers:
         return None
     counts = list(lo)
@@ -170,20 +175,16 @@ def solve_uniform(prob: Problem, devices: list[int] | None, strategy: str, u: di
     cannot_mid[s0] = 0
     bad_mid = _subset_sums(cannot_mid)  # [S] how many members cannot be middle
     best, prev = _held_karp(hop, s0)
-    value = _latency_values(
-        sub,
-        caps_mid,
-        caps_last,
-        s0,
-        inside,
-        has_src,
-        bad_mid,
-        cannot_mid,
-        layers,
-        emb_s,
-        head_s,
-        lat_s,
-    )
+    args = (sub, caps_mid, caps_last, s0, inside, has_src, bad_mid, cannot_mid, layers)
+    value = _latency_values(*args, emb_s, head_s, lat_s)
+    # A source stage past the embedding pays a wake-up the embedding alone does not
+    # (Problem.source_layers_wake_s): the source holding none and some layers, apart.
+    extra, src_layers = prob.source_layers_wake_s(), "any"
+    if extra > 0:
+        none = _latency_values(*args, emb_s, head_s, lat_s, src="none")
+        some = _latency_values(*args, emb_s, head_s, lat_s, src="some")
+        some[:, np.arange(m) != s0] += extra  # the source alone (k == s0) pays none
+        value = np.minimum(none, some)
     total = value + best + ret[None, :]
     if not np.isfinite(total).any():
         return None
@@ -193,7 +194,9 @@ def solve_uniform(prob: Problem, devices: list[int] | None, strategy: str, u: di
     s, k = np.unravel_index(int(np.argmin(tied)), tied.shape)
     s, k = int(s), int(k)
     order = _path(prev, s, k)
-    counts = _allocate_latency(sub, order, caps_mid, caps_last, layers)
+    if extra > 0 and k != s0:
+        src_layers = "none" if none[s, k] <= some[s, k] else "some"
+    counts = _allocate_latency(sub, order, caps_mid, caps_last, layers, src_layers)
     stages = _stages([devices[d] for d in order], counts, n)
     return Plan(
         stages,
@@ -204,10 +207,12 @@ def solve_uniform(prob: Problem, devices: list[int] | None, strategy: str, u: di
 
 
 def _latency_values(
-    sub, caps_mid, caps_last, s0, inside, has_src, bad_mid, cannot_mid, layers, emb_s, head_s, lat_s
-) -> np.ndarray:
+    sub, caps_mid, caps_last, s0, inside, has_src, bad_mid, cannot_mid, layers, emb_s, head_s,
+    lat_s, src="any",
+) -> np.ndarray:  # fmt: skip
     """[S, k]: least compute of placing every unit on exactly S with the head on k: one
-    layer per middle device, then the cheapest spare capacity first."""
+    layer per middle device, then the cheapest spare capacity first. `src`: when it is not
+    the last device, the source takes "any" number of layers, "none" or "some" (>= 1)."""
     full, m = inside.shape
     out = np.full((full, m), INF)
     order = np.argsort(lat_s, kind="stable")
@@ -218,17 +223,25 @@ def _latency_values(
         if caps_last[k] < 0 or (k != s0 and caps_mid[s0] < 0):
             continue
         ok = has_src & inside[:, k] & (bad_mid - cannot_mid[k] * (k != s0) == 0)
+        some = int(src == "some" and k != s0)  # layers the source must take first
+        if some and caps_mid[s0] < 1:
+            continue
         if k == s0:  # the source alone
             ok &= pop == 1
             cost = np.full(full, emb_s + head_s[k])
             left = np.full(full, float(layers))
         else:
-            cost = emb_s + head_s[k] + sum_lat - fl[s0] - fl[k]
-            left = layers - (pop - 2).astype(float)
+            cost = emb_s + head_s[k] + sum_lat - fl[k] - (0 if some else fl[s0])
+            left = layers - (pop - 2 + some).astype(float)
         ok &= left >= 0
         left = np.maximum(left, 0)
         for d in order:
-            spare = caps_last[k] if d == k else caps_mid[d] - (0 if d == s0 else 1)
+            if d == k:
+                spare = caps_last[k]
+            elif d == s0:
+                spare = {"any": caps_mid[d], "none": 0, "some": caps_mid[d] - 1}[src]
+            else:
+                spare = caps_mid[d] - 1
             if spare <= 0:
                 continue
             take = np.minimum(inside[:, d] * spare, left)
