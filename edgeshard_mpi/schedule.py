@@ -145,7 +145,9 @@ def simulate(
 
     compute_s(stage, step) -> seconds of one compute (step 0 = prefill);
     hop_s(src_rank, dst_rank, stage, step) -> seconds for that message to arrive (the
-    token's return is asked for with stage = the last stage).
+    token's return is asked for with stage = the last stage), or (seconds the link is
+    busy with it, seconds until it arrives): a link carries its next message once this
+    one's bytes are through, without waiting out its latency.
     Sends are non-blocking; messages on one link queue behind each other. Raises Deadlock
     if no rank can move while some still have work, which also proves, when it does not
     raise, that the lists are deadlock-free for any positive costs of the same order.
@@ -188,8 +190,10 @@ def simulate(
                         arrival = t
                     else:
                         begin = max(t, link_free.get((rank, dst), 0.0))
-                        arrival = begin + hop_s(rank, dst, a.stage, step)
-                        link_free[(rank, dst)] = arrival
+                        h = hop_s(rank, dst, a.stage, step)
+                        busy_s, delay_s = h if isinstance(h, tuple) else (h, h)
+                        arrival = begin + delay_s
+                        link_free[(rank, dst)] = begin + busy_s
                     arrivals[(dst_stage, a.slot, dst_it)] = arrival
                 start[(rank, pc[rank])] = clock[rank]
                 clock[rank] = t

@@ -311,6 +311,22 @@ def test_a_source_stage_past_the_embedding_pays_the_layers_wake_up():
         compute_a, _ = cost_functions(plan, a)
         compute_b, _ = cost_functions(plan, b)
         assert compute_b(0, 1) == pytest.approx(compute_a(0, 1) + extra)
+    # In a pipeline a dilated device (self_wake_s > 0) pays its wake-up as compute on every
+    # call, and the hop into it no longer holds it (links: busy for the bytes only).
+    lat = prof.latency_s + np.array([0.5, 0.2, 0.2])[None, :] * (1 - np.eye(3))
+    dil = replace(woken, latency_s=lat, meta=dict(woken.meta, self_wake_s=[0.5, 0.0, 0.2]))
+    c = make_problem(dil)
+    plan = plans["layers"]
+    compute, hop = cost_functions(plan, c)
+    base, _ = cost_functions(plan, a)
+    assert compute(0, 1) == pytest.approx(base(0, 1) + 0.5)  # 0.375 + the embedding's
+    assert compute(1, 1) == pytest.approx(base(1, 1) + 0.2)
+    size = c.act_decode[2]
+    busy, arrive = hop(0, 2, 0, 1)
+    assert busy == pytest.approx(size / prof.bandwidth[0, 2])
+    assert arrive == pytest.approx(prof.latency_s[0, 2] + busy)  # its wake-up moved out
+    alone = cost_functions(plans["alone"], c)[0]
+    assert alone(0, 1) == pytest.approx(cost_functions(plans["alone"], a)[0](0, 1) + 0.5)
 
 
 def test_infeasible_message_gives_numbers():

@@ -116,6 +116,18 @@ def test_sequential_makespan_is_sum_of_costs():
     assert res.makespan == pytest.approx(2 * 3 * (3 * 2.0 + 3 * 0.25))
 
 
+def test_a_link_carries_the_next_message_once_the_bytes_are_through():
+    """hop_s may give (link busy, arrival): a long latency delays each message but does
+    not hold the link, so micro-batches in flight are not spaced by it; a float is both."""
+    ranks, shape = [0, 1], sch.Shape(groups=4, slots=4, steps=1)
+    compute = lambda s, k: 0.001  # noqa: E731
+    both = sch.simulate(ranks, shape, "no-bubbles", compute, lambda *a: 1.0)
+    split = sch.simulate(ranks, shape, "no-bubbles", compute, lambda *a: (0.01, 1.0))
+    # 4 micro-batches: held links space them 1 s apart each way; free ones 0.01 s
+    assert both.makespan > 4.0
+    assert split.makespan == pytest.approx(2 * 1.0 + 4 * 0.01 + 0.002, abs=0.01)
+
+
 def test_all_orders_and_shapes_keep_token_order():
     for slots, order in itertools.product((1, 2, 3), sch.ORDERS):
         shape = sch.Shape(groups=3, slots=slots, steps=4)

@@ -22,7 +22,7 @@ import numpy as np
 from .. import schedule as sch
 from .contention import stage_factors
 from .plan import Plan
-from .problem import Infeasible, PlannerLimit, Problem, Profile, make_problem
+from .problem import TOKEN_BYTES, Infeasible, PlannerLimit, Problem, Profile, make_problem
 
 SIM_ACTION_LIMIT = 200_000  # beyond this a prediction simulates a few rounds and scales
 TIE = 0.01  # candidates within 1% of the best throughput count as tied
@@ -66,16 +66,32 @@ def cost_functions(plan: Plan, prob: Problem, in_flight: int = 1):
     lat, bw = prob.profile.latency_s, prob.profile.bandwidth
     ret = prob.return_s()
     last = len(stages) - 1
+    # A dilated device sleeps its dilation after every call, so each of its calls pays
+    # its wake-up (self_wake_s) whether it waited or not: CPU it spends, charged to its
+    # compute here and taken out of the hop into it, which would otherwise hold the link
+    # for it (a pipeline's busy stages do not wait, and a link carries the next message
+    # before the last one's wake-up is over).
+    own = prob.self_wake_s()
+    moved = [0.0] * len(stages)
+    for i, st in enumerate(stages):
+        if own[st.rank] > 0:
+            moved[i] = float(own[st.rank]) - (prob.source_layers_wake_s() if i == 0 else 0.0)
+            moved[i] = max(moved[i], 0.0) if last > 0 else float(own[st.rank])
+    pre = [x + w for x, w in zip(pre, moved, strict=True)]
+    dec = [x + w for x, w in zip(dec, moved, strict=True)]
 
     def compute_s(stage: int, step: int) -> float:
         return pre[stage] if step == 0 else dec[stage]
 
-    def hop_s(src: int, dst: int, stage: int, step: int) -> float:
+    def hop_s(src: int, dst: int, stage: int, step: int) -> tuple[float, float]:
+        """(the link busy, the message's arrival): only its bytes hold the link."""
         if stage == last:
-            return float(ret[src])
+            busy = prob.batch * TOKEN_BYTES / bw[src, dst]
+            return float(busy), float(max(ret[src] - moved[0], busy))
         cut = stages[stage].end - 1
         size = prob.act_prefill[cut] if step == 0 else prob.act_decode[cut]
-        return float(lat[src, dst] + size / bw[src, dst])
+        busy = size / bw[src, dst]
+        return float(busy), float(max(lat[src, dst] - moved[stage + 1], 0.0) + busy)
 
     return compute_s, hop_s
 

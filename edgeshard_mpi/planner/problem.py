@@ -108,6 +108,12 @@ class Problem:
         v = self.profile.meta.get(key)
         return np.asarray(v, float) if isinstance(v, list) and len(v) == self.n_devices else None
 
+    def self_wake_s(self) -> np.ndarray:
+        """[M] a dilated device's wake-up, paid on every call (meta self_wake_s; 0 on
+        undilated devices and real hardware): see return_s and pipeline.cost_functions."""
+        own = self._per_device("self_wake_s")
+        return np.zeros(self.n_devices) if own is None else own
+
     def source_layers_wake_s(self) -> float:
         """What a source stage holding more than the embedding pays on waking beyond what
         the embedding alone pays (meta wake_s - embed_wake_s at the source, 0 without them).
@@ -141,8 +147,7 @@ class Problem:
         p, s = self.profile, self.profile.source
         out = p.latency_s[:, s] + self.batch * TOKEN_BYTES / p.bandwidth[:, s]
         out = np.maximum(out - self.source_layers_wake_s(), 0.0)
-        own = self._per_device("self_wake_s")
-        out[s] = 0.0 if own is None else float(own[s])
+        out[s] = float(self.self_wake_s()[s])
         return out
 
 def make_problem(
