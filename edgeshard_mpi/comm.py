@@ -31,7 +31,7 @@ IDLE_WAKE_S = 20e-3
 unrung doorbell wait (a safety net: senders ring) and a quiet barrier's back-off ceiling.
 At 2 ms, the 14 ranks a one-stage plan leaves idle on the 15-device testbed woke ~7000
 times a second on 2 cores, and its one computing rank ran 1.15-1.17x slower than profiled
-(1.11-1.12 at 20 ms, README "Idle ranks' wake-ups"). A missed ring or a barrier's exit
+(1.11-1.12 at 20 ms; README, "Not met yet", Fidelity). A missed ring or a barrier's exit
 costs at most this much once, never a message."""
 
 _PR_SET_TIMERSLACK = 29

@@ -242,8 +242,8 @@ def measure_units(
 def _wake(spec, source, dtype, device, me, cold: bool, kernels: str) -> tuple[float, float]:
     """An emulated device's wake-up cost per stage call (seqprofile.wake_cost), and the
     same for a stage holding the embedding alone (what EdgeShard gives a weak source;
-    Problem.source_layers_wake_s), which is the first where the embedding cannot be
-    measured; (0, 0) on real hardware, where it is not measured yet."""
+    Problem.source_layers_wake_s; the layer's figure where the embedding does not fit in
+    half the budget); (0, 0) on real hardware, where they are not measured yet."""
     if emulation.MODE == "none":
         return 0.0, 0.0
     from .seqprofile import wake_cost

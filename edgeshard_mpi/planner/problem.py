@@ -120,8 +120,9 @@ class Problem:
 
         A stage's wake-up cost (seqprofile.wake_cost) is charged with the hop into it; the
         source's comes with the token's return. Measured on the testbed, a stage that only
-        looks up the embedding wakes at a sixth of a layer's cost (an NX source: 0.6 against
-        4.9 ms a token), and such a stage is what EdgeShard gives a weak source. So the
+        looks up the embedding wakes at a third of a layer's cost (profiled on an NX-like
+        source: 1.3-1.8 against 4.5-5.4 ms a call), and such a stage is what EdgeShard
+        gives a weak source. So the
         return hop carries the embedding's wake-up and a source stage [0, e) with 2 <= e <
         N pays this difference as compute (dp.segment_costs, cost.evaluate, uniform.py);
         a one-stage plan pays return_s's self wake-up instead."""
@@ -149,6 +150,7 @@ class Problem:
         out = np.maximum(out - self.source_layers_wake_s(), 0.0)
         out[s] = float(self.self_wake_s()[s])
         return out
+
 
 def make_problem(
     profile: Profile, batch: int | None = None, strategy: str = "average", slots: int = 1
