@@ -71,12 +71,11 @@ def cost_functions(plan: Plan, prob: Problem, in_flight: int = 1):
     # compute here and taken out of the hop into it, which would otherwise hold the link
     # for it (a pipeline's busy stages do not wait, and a link carries the next message
     # before the last one's wake-up is over).
+    # The source's return hop of a chain carries only the embedding's part (Problem.return_s).
     own = prob.self_wake_s()
-    moved = [0.0] * len(stages)
-    for i, st in enumerate(stages):
-        if own[st.rank] > 0:
-            moved[i] = float(own[st.rank]) - (prob.source_layers_wake_s() if i == 0 else 0.0)
-            moved[i] = max(moved[i], 0.0) if last > 0 else float(own[st.rank])
+    moved = [float(own[st.rank]) for st in stages]
+    if last > 0 and moved[0] > 0:
+        moved[0] = max(moved[0] - prob.source_layers_wake_s(), 0.0)
     pre = [x + w for x, w in zip(pre, moved, strict=True)]
     dec = [x + w for x, w in zip(dec, moved, strict=True)]
 
